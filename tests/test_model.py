@@ -1,0 +1,376 @@
+"""The model against transformers (the numerical reference), on tiny random checkpoints in the official layouts."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import tiny_hf
+from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llava, LlavaConfig, load_base, load_clip,
+                   load_llama, load_llava, save_llava)
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llava_hf_dir(tmp_path_factory):
+    """A tiny LlavaForConditionalGeneration saved by transformers (safetensors)."""
+    path = tmp_path_factory.mktemp("llava_hf")
+    hf = tiny_hf.hf_llava()
+    hf.save_pretrained(path)
+    return str(path), hf
+
+
+def pixels(n, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf, our_ids_rows, images, left_pad=False):
+    """transformers' logits for our ids (expanded to its image tokens), padded like ours; returns (logits, mask)."""
+    rows = [tiny_hf.expand_image_tokens(r) for r in our_ids_rows]
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(L - len(r), L) if left_pad else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r), 1
+    with torch.no_grad():
+        out = hf(input_ids=ids, pixel_values=images, attention_mask=mask)
+    return out.logits, mask.bool()
+
+
+def our_batch(rows):
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# the towers on their own
+
+
+def test_clip_selected_layer_matches_transformers(tmp_path):
+    hf = tiny_hf.hf_clip()
+    hf.save_pretrained(tmp_path)
+    ours = load_clip(str(tmp_path))
+    x = pixels(2)
+    with torch.no_grad():
+        ref = hf(pixel_values=x, output_hidden_states=True).hidden_states
+        for layer in (-2, -1, 0, 1):
+            assert (ours(x, select_layer=layer) - ref[layer]).abs().max() < TOL, layer
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded_bin"])
+def test_llama_logits_match_transformers_with_gqa(tmp_path, fmt):
+    hf = tiny_hf.hf_llama()
+    assert hf.config.num_key_value_heads < hf.config.num_attention_heads  # really grouped-query
+    if fmt == "safetensors":
+        hf.save_pretrained(tmp_path)
+    else:
+        hf.config.save_pretrained(tmp_path)
+        tiny_hf.save_sharded_bin(hf.state_dict(), str(tmp_path), n_shards=3)
+    ours = load_llama(str(tmp_path))
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        got = ours.lm_head(ours(ours.embed_tokens(ids)))
+    assert (got - ref).abs().max() < TOL
+
+
+def test_half_precision_checkpoint_loads_into_requested_dtype(tmp_path):
+    hf = tiny_hf.hf_llama().to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    ours = load_llama(str(tmp_path), dtype=torch.float32)
+    assert ours.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(ours.embed_tokens.weight, hf.model.embed_tokens.weight.float())
+
+
+# -----------------------------------------------------------------------------
+# LLaVA forward
+
+
+def test_llava_logits_image_in_the_middle(llava_hf_dir):
+    path, hf = llava_hf_dir
+    ours = load_llava(path)
+    ids = [1, 5, 6, 7, IMAGE_TOKEN_INDEX, 8, 9, 10]
+    images = pixels(1)
+    ref, _ = hf_logits(hf, [ids], images)
+    with torch.no_grad():
+        got = ours(torch.tensor([ids]), images)
+    assert got.shape == ref.shape == (1, len(ids) - 1 + tiny_hf.N_IMAGE_TOKENS, 128)
+    assert (got - ref).abs().max() < TOL
+
+
+def test_llava_logits_two_images(llava_hf_dir):
+    path, hf = llava_hf_dir
+    ours = load_llava(path)
+    ids = [1, IMAGE_TOKEN_INDEX, 5, 6, IMAGE_TOKEN_INDEX, 7, 8]
+    images = pixels(2)
+    ref, _ = hf_logits(hf, [ids], images)
+    with torch.no_grad():
+        got = ours(torch.tensor([ids]), images)
+        swapped = ours(torch.tensor([ids]), images.flip(0))
+    assert (got - ref).abs().max() < TOL
+    assert (swapped - ref).abs().max() > 1e-3  # the order of images matters: each goes to its own placeholder
+
+
+def test_llava_batch_mixing_text_only_and_images_with_padding(llava_hf_dir):
+    path, hf = llava_hf_dir
+    ours = load_llava(path)
+    rows = [[1, 5, IMAGE_TOKEN_INDEX, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, IMAGE_TOKEN_INDEX, 20, 21,
+                                                                               IMAGE_TOKEN_INDEX, 22]]
+    images = pixels(3)
+    ref, mask = hf_logits(hf, rows, images)
+    ids, our_mask = our_batch(rows)
+    with torch.no_grad():
+        got = ours(ids, images, our_mask)
+    for i, r in enumerate(rows):  # compare the real (unpadded) positions of each row
+        n = len(tiny_hf.expand_image_tokens(r))
+        assert (got[i, :n] - ref[i, :n]).abs().max() < TOL, i
+        assert mask[i, :n].all() and not mask[i, n:].any()
+
+
+def test_loss_is_mean_cross_entropy_over_supervised_labels(llava_hf_dir):
+    path, hf = llava_hf_dir
+    ours = load_llava(path)
+    rows = [[1, IMAGE_TOKEN_INDEX, 5, 6, 7, 2], [1, 8, 9, 10, 2]]
+    labels_rows = [[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6, 7, 2], [IGNORE_INDEX, IGNORE_INDEX, 9, 10, 2]]
+    ids, mask = our_batch(rows)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, r in enumerate(labels_rows):
+        labels[i, :len(r)] = torch.tensor(r)
+    images = pixels(1)
+    with torch.no_grad():
+        loss = ours(ids, images, mask, labels)
+        total = ours(ids, images, mask, labels, reduction="sum")
+        # by hand: log-softmax of the full logits at each supervised target
+        logits = ours(ids, images, mask)
+    n_img = tiny_hf.N_IMAGE_TOKENS - 1
+    expected = []
+    for row, (pos, target) in [(0, (2 + n_img, 6)), (0, (3 + n_img, 7)), (0, (4 + n_img, 2)),
+                               (1, (1, 9)), (1, (2, 10)), (1, (3, 2))]:
+        expected.append(-torch.log_softmax(logits[row, pos], -1)[target])  # position pos predicts token pos+1
+    assert abs(loss.item() - torch.stack(expected).mean().item()) < TOL
+    assert abs(total.item() - torch.stack(expected).sum().item()) < TOL
+    # transformers agrees (its labels hold IGNORE_INDEX at the image tokens it expands)
+    hf_rows = [tiny_hf.expand_image_tokens(r) for r in rows]
+    hf_label_rows = [sum(([IGNORE_INDEX] * tiny_hf.N_IMAGE_TOKENS if t == IMAGE_TOKEN_INDEX else [lab]
+                          for t, lab in zip(r, lr)), []) for r, lr in zip(rows, labels_rows)]
+    L = max(map(len, hf_rows))
+    pad = lambda r, v: r + [v] * (L - len(r))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([pad(r, 0) for r in hf_rows]), pixel_values=images,
+                 attention_mask=torch.tensor([pad([1] * len(r), 0) for r in hf_rows]),
+                 labels=torch.tensor([pad(r, IGNORE_INDEX) for r in hf_label_rows])).loss
+    assert abs(loss.item() - ref.item()) < TOL
+
+
+def test_placeholder_count_must_match_images(llava_hf_dir):
+    ours = load_llava(llava_hf_dir[0])
+    with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
+        ours(torch.tensor([[1, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 5]]), pixels(1))
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def test_kv_cached_greedy_equals_recomputing_and_transformers(llava_hf_dir):
+    path, hf = llava_hf_dir
+    ours = load_llava(path)
+    prompts = [[1, 5, IMAGE_TOKEN_INDEX, 6, 7], [1, 9, 10, 11, 12, 13, 14, 15, 16, 17], [1, IMAGE_TOKEN_INDEX, 30]]
+    images = pixels(2, seed=3)
+    steps = []
+    generated = ours.generate(prompts, images, max_new_tokens=12, eos_token_id=-1,  # no EOS: all 12 steps
+                              on_token=lambda t: steps.append(t.clone()))
+    assert all(len(g) == 12 for g in generated)
+    assert torch.equal(torch.stack(steps, 1), torch.tensor(generated))  # streamed tokens are the returned ones
+
+    # recompute the whole sequence each step without a cache: same tokens, same logits
+    image_of = {0: images[:1], 1: None, 2: images[1:]}
+    for i, (prompt, new) in enumerate(zip(prompts, generated)):
+        seq = list(prompt)
+        for tok in new:
+            with torch.no_grad():
+                logits = ours(torch.tensor([seq]), image_of[i])[0, -1]
+            assert logits.argmax().item() == tok
+            seq.append(tok)
+
+    # cached logits equal the full forward's: check the prefill + 3 decode steps of the first prompt
+    lm = ours.language_model
+    seq = prompts[0] + generated[0][:3]
+    with torch.no_grad():
+        full = ours(torch.tensor([seq]), images[:1])[0]
+        embeds, pos, valid, _ = ours.splice(torch.tensor([prompts[0]]), images[:1])
+        lm.setup_cache(1, 64)
+        from llama import attention_mask
+        key_valid = torch.ones(1, 64, dtype=torch.bool)
+        L = embeds.shape[1]
+        h = lm(embeds, pos, attention_mask(key_valid, torch.arange(L)), torch.arange(L))
+        cached = [lm.lm_head(h[0, -1])]
+        for k, tok in enumerate(generated[0][:3]):
+            ip = torch.tensor([L + k])
+            h = lm(lm.embed_tokens(torch.tensor([[tok]])), torch.tensor([[L + k]]), attention_mask(key_valid, ip), ip)
+            cached.append(lm.lm_head(h[0, -1]))
+        lm.clear_cache()
+    assert (torch.stack(cached) - full[L - 1:L + 3]).abs().max() < TOL
+
+    # transformers' generate, left-padded batch, greedy
+    rows = [tiny_hf.expand_image_tokens(p) for p in prompts]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=12,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ref[:, T:].tolist() == generated
+
+
+def test_generation_stops_at_eos_and_samples_reproducibly(llava_hf_dir):
+    ours = load_llava(llava_hf_dir[0])
+    prompt = [[1, 5, IMAGE_TOKEN_INDEX, 6]]
+    greedy = ours.generate(prompt, pixels(1), max_new_tokens=8, eos_token_id=-1)[0]
+    stop = greedy[3]  # pretend the 4th greedy token is EOS
+    assert ours.generate(prompt, pixels(1), max_new_tokens=8, eos_token_id=stop)[0] == greedy[:greedy.index(stop)]
+    a = ours.generate(prompt, pixels(1), 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    b = ours.generate(prompt, pixels(1), 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    c = ours.generate(prompt, pixels(1), 8, temperature=5.0, generator=torch.Generator().manual_seed(1))
+    assert a == b and a != c
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from llama import sample
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, 1.0, 0.7, g).item() for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 2 and 3 are cut
+    assert sample(logits, 0.0).item() == 0
+
+
+# -----------------------------------------------------------------------------
+# checkpoint layouts
+
+
+def write_original_layout(tmp_path, hf):
+    """The same weights as the llava-hf model, in the original LLaVA layout (names as liuhaotian/llava-v1.5-7b),
+    sharded .bin, with the CLIP tower in its own plain-CLIP directory."""
+    sd = hf.state_dict()
+    clip_dir, llava_dir = tmp_path / "clip", tmp_path / "llava"
+    clip_dir.mkdir(), llava_dir.mkdir()
+    vision = {k.split("vision_tower.", 1)[1]: v for k, v in sd.items() if "vision_tower." in k}
+    vision = {(k if k.startswith("vision_model.") else "vision_model." + k): v.contiguous() for k, v in vision.items()}
+    save_file(vision, str(clip_dir / "model.safetensors"))
+    with open(clip_dir / "config.json", "w") as f:
+        json.dump({"model_type": "clip", "vision_config": tiny_hf.CLIP, "text_config": {}}, f)
+    original = {}
+    for k, v in sd.items():
+        if "language_model" in k and "lm_head" not in k:
+            original["model." + k.split("language_model.", 1)[1].removeprefix("model.")] = v
+        elif "lm_head" in k:
+            original["lm_head.weight"] = v
+        elif "multi_modal_projector" in k:
+            layer, param = k.split("multi_modal_projector.", 1)[1].split(".")
+            original[f"model.mm_projector.{2 * (int(layer[-1]) - 1)}.{param}"] = v
+    original["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # 4.31-era checkpoints have these
+    tiny_hf.save_sharded_bin(original, str(llava_dir))
+    config = {**tiny_hf.LLAMA, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+              "mm_hidden_size": 32, "mm_use_im_start_end": False, "use_mm_proj": True}
+    with open(llava_dir / "config.json", "w") as f:
+        json.dump(config, f)
+    return str(llava_dir), str(clip_dir)
+
+
+def test_original_layout_gives_the_same_logits(llava_hf_dir, tmp_path):
+    path, hf = llava_hf_dir
+    llava_dir, clip_dir = write_original_layout(tmp_path, hf)
+    with pytest.raises(CheckpointError, match="--vision-tower"):
+        load_llava(llava_dir)  # the config names a hub id, which is not a local directory
+    original = load_llava(llava_dir, vision_tower=clip_dir)
+    assert original.config.image_aspect_ratio == "pad" and original.config.projector_type == "mlp2x_gelu"
+    reference = load_llava(path)
+    ids, images = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7]]), pixels(1)
+    with torch.no_grad():
+        assert (original(ids, images) - reference(ids, images)).abs().max() < TOL
+
+
+def test_stage1_start_from_plain_llama_and_clip(tmp_path):
+    hf_llm, hf_vision = tiny_hf.hf_llama(), tiny_hf.hf_clip()
+    hf_llm.save_pretrained(tmp_path / "llm")
+    hf_vision.save_pretrained(tmp_path / "clip")
+    model = load_base(str(tmp_path / "llm"), str(tmp_path / "clip"))
+    assert torch.equal(model.language_model.lm_head.weight, hf_llm.lm_head.weight)
+    hf_patch = next(v for k, v in hf_vision.state_dict().items() if k.endswith("patch_embedding.weight"))
+    assert torch.equal(model.vision_tower.embeddings.patch_embedding.weight, hf_patch)
+    assert model.multi_modal_projector.linear_1.weight.shape == (64, 32)
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, IMAGE_TOKEN_INDEX, 5]]), pixels(1))).all()
+
+
+def test_save_then_transformers_load_gives_the_same_logits(llava_hf_dir, tmp_path):
+    ours = load_llava(llava_hf_dir[0])
+    save_llava(ours, str(tmp_path), max_shard_bytes=200_000)  # force shards + index
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ids = [1, 5, IMAGE_TOKEN_INDEX, 6, 7]
+    images = pixels(1)
+    ref, _ = hf_logits(hf, [ids], images)
+    with torch.no_grad():
+        assert (ours(torch.tensor([ids]), images) - ref).abs().max() < TOL
+    assert (load_llava(str(tmp_path)).language_model.lm_head.weight == ours.language_model.lm_head.weight).all()
+
+
+def test_save_pads_a_vocabulary_without_image_token(llava_hf_dir, tmp_path):
+    ours = load_llava(llava_hf_dir[0])
+    ours.config.image_token_index = 128  # an original-layout model: no row for transformers' image token
+    save_llava(ours, str(tmp_path))
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    assert hf.config.text_config.vocab_size == 192  # 129 rounded up to a multiple of 64
+    ids = [1, 5, IMAGE_TOKEN_INDEX, 6]
+    rows = [[128] * tiny_hf.N_IMAGE_TOKENS if t == IMAGE_TOKEN_INDEX else [t] for t in ids]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([sum(rows, [])]), pixel_values=pixels(1)).logits[..., :128]
+        assert (ours(torch.tensor([ids]), pixels(1)) - ref).abs().max() < TOL
+
+
+def test_7b_preset_has_transformers_parameter_count():
+    config = LlavaConfig.from_name("llava-v1.5-7b")
+    with torch.device("meta"):
+        ours = Llava(config)
+        hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**config.to_hf()))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(ours) == count(hf)
+    assert 7.0e9 < count(ours) < 7.1e9  # 6.74B LLaMA + 0.30B CLIP + 0.02B projector
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "missing tensors: language_model.model.norm.weight"),
+    ("extra", "unexpected tensors: language_model.model.extra.weight"),
+    ("shape", r"wrong shapes: multi_modal_projector.linear_2.bias: checkpoint \[7\], model \[64\]"),
+])
+def test_damaged_checkpoint_names_the_tensor(llava_hf_dir, tmp_path, damage, message):
+    from safetensors.torch import load_file
+    src = llava_hf_dir[0]
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    norm_key = next(k for k in sd if k.endswith("model.norm.weight"))
+    if damage == "missing":
+        del sd[norm_key]
+    elif damage == "extra":
+        sd["language_model.model.extra.weight"] = torch.zeros(3)
+    else:
+        sd[next(k for k in sd if k.endswith("linear_2.bias"))] = torch.zeros(7)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f, open(tmp_path / "config.json", "w") as g:
+        g.write(f.read())
+    if damage == "missing" and not norm_key.startswith("language_model.model."):
+        message = message.replace("language_model.model.norm", norm_key.removesuffix(".weight").replace(".", r"\."))
+    with pytest.raises(CheckpointError, match=message):
+        load_llava(str(tmp_path))
