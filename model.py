@@ -238,11 +238,18 @@ class CheckpointFiles:
     listed in a `*.index.json`. Safetensors are preferred; `.bin` pickles are only read with weights_only=True.
     Tensors are read one at a time (memory-mapped), so loading never holds two copies of a 7B model."""
 
-    def __init__(self, directory: str):
-        self.directory = directory
-        names = os.listdir(directory) if os.path.isdir(directory) else []
+    def __init__(self, path: str):
+        """A checkpoint directory, or one file of it (e.g. an official `mm_projector.bin`)."""
+        if os.path.isfile(path):
+            path, only = os.path.split(path)
+        else:
+            only = None
+        self.directory = directory = path
+        names = [only] if only else (os.listdir(directory) if os.path.isdir(directory) else [])
         for kind in ("safetensors", "bin"):
             base = "model.safetensors" if kind == "safetensors" else "pytorch_model.bin"
+            if only and only.endswith("." + kind):
+                base = only
             if base + ".index.json" in names:
                 with open(os.path.join(directory, base + ".index.json")) as f:
                     self.file_of = dict(json.load(f)["weight_map"])
@@ -435,6 +442,21 @@ def load_base(llm: str, vision_tower: str, projector_type: str = "mlp2x_gelu", d
     return model
 
 
+def load_projector(model: Llava, path: str):
+    """Stage 2's starting projector: from a stage-1 output directory (ours, llava-hf layout) or an official
+    `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`, as the liuhaotian pretrain releases ship it)."""
+    source = CheckpointFiles(path)
+    projector_type = model.config.projector_type
+
+    def key_map(name):
+        ours = _llava_hf_key(source, "multi_modal_projector." + name)
+        return 0, ours if ours in source.keys() else _original_key("multi_modal_projector." + name, projector_type)[1]
+
+    llava_parts = ("language_model.", "vision_tower.", "model.language_model.", "model.vision_tower.", "lm_head.")
+    load_weights(model.multi_modal_projector, [source], key_map, model.multi_modal_projector.linear_1.weight.dtype,
+                 model.multi_modal_projector.linear_1.weight.device, lambda key: key.startswith(llava_parts))
+
+
 # -----------------------------------------------------------------------------
 # writing checkpoints: llava-hf layout, so transformers' LlavaForConditionalGeneration loads what we save
 
@@ -460,14 +482,12 @@ def hf_state_dict(model: Llava) -> dict:
     return renamed
 
 
-def save_llava(model: Llava, directory: str, max_shard_bytes: int = 5 * 2**30):
-    """Write config.json + safetensors (sharded with an index above max_shard_bytes) in the llava-hf layout."""
+def write_checkpoint(state: dict, config: dict, directory: str, max_shard_bytes: int = 5 * 2**30):
+    """config.json + safetensors, sharded with a `model.safetensors.index.json` above max_shard_bytes."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
-    config = model.config.to_hf()
-    config["text_config"]["vocab_size"] = state["language_model.lm_head.weight"].shape[0]
-    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    config = dict(config, torch_dtype=str(next(iter(state.values())).dtype).removeprefix("torch."))
     shards, current, size = [], {}, 0
     for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -489,3 +509,23 @@ def save_llava(model: Llava, directory: str, max_shard_bytes: int = 5 * 2**30):
                        "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def save_llava(model: Llava, directory: str, max_shard_bytes: int = 5 * 2**30):
+    """Our LLaVA in the llava-hf layout: transformers' LlavaForConditionalGeneration.from_pretrained loads it."""
+    state = hf_state_dict(model)
+    config = model.config.to_hf()
+    config["text_config"]["vocab_size"] = state["language_model.lm_head.weight"].shape[0]
+    write_checkpoint(state, config, directory, max_shard_bytes)
+
+
+def save_llama(llm: Llama, directory: str):
+    """A plain transformers LLaMA directory (what load_llama and LlamaForCausalLM read)."""
+    state = {(k if k.startswith("lm_head.") else "model." + k): v for k, v in llm.state_dict().items()}
+    write_checkpoint(state, dict(llm.config.to_hf(), architectures=["LlamaForCausalLM"]), directory)
+
+
+def save_clip(tower: CLIPVisionTower, directory: str):
+    """A plain transformers CLIP vision directory (what load_clip and CLIPVisionModel read)."""
+    state = {"vision_model." + k: v for k, v in tower.state_dict().items()}
+    write_checkpoint(state, dict(tower.config.to_hf(), architectures=["CLIPVisionModel"]), directory)

@@ -374,3 +374,43 @@ def test_damaged_checkpoint_names_the_tensor(llava_hf_dir, tmp_path, damage, mes
         message = message.replace("language_model.model.norm", norm_key.removesuffix(".weight").replace(".", r"\."))
     with pytest.raises(CheckpointError, match=message):
         load_llava(str(tmp_path))
+
+
+def test_saved_plain_towers_load_in_transformers(tmp_path):
+    from clip import CLIPVisionConfig, CLIPVisionTower
+    from llama import Llama, LlamaConfig
+    from model import save_clip, save_llama
+    torch.manual_seed(0)
+    llm, tower = Llama(LlamaConfig.from_name("tiny")), CLIPVisionTower(CLIPVisionConfig.from_name("tiny"))
+    save_llama(llm, str(tmp_path / "llm"))
+    save_clip(tower, str(tmp_path / "clip"))
+    hf_llm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "llm")).eval()
+    hf_clip = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "clip")).eval()
+    ids, x = torch.randint(0, 128, (1, 9)), pixels(1)
+    with torch.no_grad():
+        assert (llm.lm_head(llm(llm.embed_tokens(ids))) - hf_llm(input_ids=ids).logits).abs().max() < TOL
+        assert (tower(x, -2) - hf_clip(pixel_values=x, output_hidden_states=True).hidden_states[-2]).abs().max() < TOL
+    assert torch.equal(load_llama(str(tmp_path / "llm")).norm.weight, llm.norm.weight)
+
+
+def test_stage2_projector_from_a_stage1_dir_or_an_official_mm_projector_bin(llava_hf_dir, tmp_path):
+    trained = load_llava(llava_hf_dir[0])
+    hf_llm, hf_vision = tiny_hf.hf_llama(), tiny_hf.hf_clip()
+    hf_llm.save_pretrained(tmp_path / "llm")
+    hf_vision.save_pretrained(tmp_path / "clip")
+    expected = trained.multi_modal_projector.state_dict()
+    # ours: a whole stage-1 output directory
+    model = load_base(str(tmp_path / "llm"), str(tmp_path / "clip"))
+    from model import load_projector
+    load_projector(model, llava_hf_dir[0])
+    assert all(torch.equal(model.multi_modal_projector.state_dict()[k], v) for k, v in expected.items())
+    # official: mm_projector.bin with `model.mm_projector.{0,2}.*`
+    official = {f"model.mm_projector.{0 if k.startswith('linear_1') else 2}.{k.split('.')[1]}": v
+                for k, v in expected.items()}
+    torch.save(official, tmp_path / "mm_projector.bin")
+    model = load_base(str(tmp_path / "llm"), str(tmp_path / "clip"))
+    load_projector(model, str(tmp_path / "mm_projector.bin"))
+    assert all(torch.equal(model.multi_modal_projector.state_dict()[k], v) for k, v in expected.items())
+    torch.save({**official, "model.mm_projector.4.weight": torch.zeros(1)}, tmp_path / "bad.bin")
+    with pytest.raises(CheckpointError, match="unexpected tensors: model.mm_projector.4.weight"):
+        load_projector(model, str(tmp_path / "bad.bin"))
