@@ -1,0 +1,532 @@
+"""Train LLaVA-1.5 in its two stages with a plain PyTorch loop (paper §4; official scripts/v1_5/*.sh, spec §8).
+
+Stage 1, feature alignment: only the projector learns, on image-caption pairs (blip_laion_cc_sbu_558k.json), `plain`
+template, lr 1e-3, global batch 256. Stage 2, visual instruction tuning: projector + LLM learn on the 665k mix,
+`vicuna_v1` template, lr 2e-5, global batch 128. The CLIP tower stays frozen (and in eval mode) throughout.
+
+With no model arguments it trains the toy world (data.py) on the CPU. The toy's base models are made here too, by a
+"stage 0" that runs by itself the first time: a small LLaMA trained on the world's text, and a small CLIP vision tower
+trained contrastively against a small text tower, as CLIP was. So stage 1 starts from pretrained towers loaded from
+plain HF directories, exactly like the real recipe.
+
+    python train.py --stage 1                      # the toy world: stage 0 if needed, then stage 1
+    python train.py --stage 2                      # continues from the toy stage 1
+    torchrun --nproc_per_node 8 train.py --stage 1 --llm VICUNA_DIR --vision-tower CLIP_DIR \\
+        --data blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images
+    torchrun --nproc_per_node 8 train.py --stage 2 --llm VICUNA_DIR --vision-tower CLIP_DIR \\
+        --projector runs/stage1/model --data llava_v1_5_mix665k.json --image-folder playground/data
+
+Every stage ends by writing `<out_dir>/model` (llava-hf layout, loadable by transformers, chat.py and eval.py) and
+pointing `<runs_dir>/LATEST` at it. Only rank 0 prints and writes.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from clip import CLIPVisionConfig, CLIPVisionTower
+from data import (CONV_TEMPLATES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate, ensure_toy_world,
+                  load_tokenizer)
+from llama import Llama, LlamaConfig
+from model import IGNORE_INDEX, load_base, load_projector, save_clip, save_llama, save_llava
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# configuration: dataclass defaults, then the stage's official values, then the toy's, then the command line
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1  # 0: the toy's base models; 1: align the projector; 2: instruction-tune projector + LLM
+    runs_dir: str = os.path.join(REPO, "runs")  # where outputs go, and `LATEST`
+    out_dir: str = ""  # default: <runs_dir>/stage<N>, or <runs_dir>/toy/stage<N>
+    # models (empty = the toy world's, made by stage 0)
+    llm: str = ""  # a plain HF LLaMA / Vicuna directory (also holds the tokenizer)
+    vision_tower: str = ""  # a plain HF CLIP directory
+    projector: str = ""  # stage 2: a stage-1 output directory or an official mm_projector.bin
+    projector_type: str = "mlp2x_gelu"
+    # data
+    data: str = ""  # LLaVA JSON / JSONL
+    image_folder: str = ""
+    template: str = ""  # conversation template (data.CONV_TEMPLATES)
+    image_aspect_ratio: str = ""  # "pad" or "square" (clip.preprocess_image)
+    max_len: int = 2048  # tokens, image tokens included
+    group_by_modality: bool = False  # official group_by_modality_length: image and text-only batches apart
+    skip_bad: bool = True  # skip (and count) unreadable samples instead of stopping
+    num_workers: int = 2
+    # optimization
+    lr: float = 0.0
+    global_batch: int = 0  # samples per optimizer step, over all ranks and micro-steps
+    micro_batch: int = 0  # samples per forward on one rank
+    epochs: float = 1.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    fsdp: bool = False  # shard the LLM with FSDP (stage 2 of a 7B model does not fit one GPU with DDP)
+    # runtime
+    device: str = "auto"  # cuda if available, else cpu
+    dtype: str = "auto"  # bf16 on cuda, fp32 on cpu
+    save_every: int = 1000  # optimizer steps between resumable checkpoints
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = the full schedule
+    # stage 0 (toy only)
+    lm_steps: int = 400
+    clip_steps: int = 500
+
+
+STAGE_DEFAULTS = {  # scripts/v1_5/pretrain.sh and finetune.sh (8 GPUs × per-device batch)
+    1: dict(lr=1e-3, global_batch=256, micro_batch=32, template="plain", image_aspect_ratio="square"),
+    2: dict(lr=2e-5, global_batch=128, micro_batch=16, template="vicuna_v1", image_aspect_ratio="pad",
+            group_by_modality=True),
+}
+TOY_DEFAULTS = {  # minutes on a 2-core CPU: tiny models want larger learning rates and batches that fit the world
+    1: dict(lr=2e-3, global_batch=32, micro_batch=32, max_len=512, epochs=1.0, num_workers=0,
+            gradient_checkpointing=False, save_every=50,
+            image_aspect_ratio="pad"),  # the toy's non-square images would lose shapes to a centre crop
+    2: dict(lr=1e-3, global_batch=32, micro_batch=32, max_len=512, epochs=1.0, num_workers=0,
+            gradient_checkpointing=False, save_every=50),
+}
+
+
+def toy_paths(cfg: TrainConfig) -> dict:
+    toy = os.path.join(cfg.runs_dir, "toy")
+    return dict(world=os.path.join(toy, "world"), llm=os.path.join(toy, "base", "llm"),
+                vision_tower=os.path.join(toy, "base", "clip"), stage1=os.path.join(toy, "stage1", "model"),
+                out=os.path.join(toy, f"stage{cfg.stage}"))
+
+
+def resolve_config(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        kind = (lambda s: s.lower() in ("1", "true", "yes", "on")) if f.type is bool else f.type
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                            help=f"default {f.default!r} (or the stage's)" if f.name != "stage" else "0, 1 or 2")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("stage", "runs_dir")})
+    toy = not given.get("llm")
+    values = dict(STAGE_DEFAULTS.get(cfg.stage, {}))
+    if toy:
+        values.update(TOY_DEFAULTS.get(cfg.stage, {}))
+        paths = toy_paths(cfg)
+        values.update(llm=paths["llm"], vision_tower=paths["vision_tower"], out_dir=paths["out"],
+                      data=os.path.join(paths["world"], f"stage{max(cfg.stage, 1)}.json"),
+                      image_folder=os.path.join(paths["world"], "images"))
+        if cfg.stage == 2:
+            values["projector"] = paths["stage1"]
+    else:
+        values["out_dir"] = os.path.join(cfg.runs_dir, f"stage{cfg.stage}")
+    values.update(given)
+    cfg = TrainConfig(**{**dataclasses.asdict(cfg), **values})
+    if cfg.stage in (1, 2):
+        missing = [name for name in ("llm", "vision_tower", "data") if not getattr(cfg, name)]
+        if missing:
+            parser.error("the real recipe needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        if cfg.template not in CONV_TEMPLATES:
+            parser.error(f"--template {cfg.template!r}: choose from {', '.join(CONV_TEMPLATES)}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# distributed setup and small helpers
+
+
+def setup_distributed(cfg: TrainConfig):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # official --tf32 True
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32,
+             "fp16": torch.float16}[cfg.dtype]
+    return rank, world, device, dtype
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def get_lr(step: int, total: int, base: float, warmup_ratio: float) -> float:
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (HF's cosine schedule)."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params, cfg: TrainConfig, fused: bool):
+    """AdamW with the HF defaults LLaVA used; no weight decay on biases and norm weights (LLaVATrainer)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+def log(rank, *args):
+    if rank == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+# -----------------------------------------------------------------------------
+# stage 0: the toy world's base models (a stand-in for downloading Vicuna and CLIP)
+
+
+class ContrastiveCLIP(torch.nn.Module):
+    """CLIP's training setup (Radford et al. 2021, Fig. 3): image and text towers, projections into a shared space,
+    symmetric cross-entropy over the batch's image-text similarity matrix. The text tower is a small causal
+    transformer read out at its last token, like CLIP's (here our Llama class)."""
+
+    def __init__(self, vision: CLIPVisionConfig, vocab_size: int):
+        super().__init__()
+        self.vision = CLIPVisionTower(vision)
+        self.text = Llama(LlamaConfig(vocab_size=vocab_size, hidden_size=vision.hidden_size,
+                                      intermediate_size=2 * vision.hidden_size, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512))
+        self.visual_projection = torch.nn.Linear(vision.hidden_size, vision.projection_dim, bias=False)
+        self.text_projection = torch.nn.Linear(vision.hidden_size, vision.projection_dim, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def forward(self, images, text_ids, text_mask):
+        cls = self.vision.post_layernorm(self.vision(images, select_layer=-1)[:, 0])  # (B, C) class token
+        text = self.text(self.text.embed_tokens(text_ids))  # (B, T, C)
+        last = text[torch.arange(len(text_ids)), text_mask.sum(1) - 1]  # (B, C) at each text's last token
+        image_emb = F.normalize(self.visual_projection(cls), dim=-1)
+        text_emb = F.normalize(self.text_projection(last), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T  # (B, B)
+        targets = torch.arange(len(logits))
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def run_stage0(cfg: TrainConfig, rank: int):
+    """Train and save the toy's base LLaMA and CLIP tower in plain HF layouts (what stage 1 loads)."""
+    paths = toy_paths(cfg)
+    if rank != 0:  # small enough for one process; the others wait at the barrier in main()
+        return
+    ensure_toy_world(paths["world"])
+    tokenizer = load_tokenizer(paths["world"])
+    torch.manual_seed(cfg.seed)
+    log(rank, f"stage 0: making the toy world's base models in {os.path.dirname(paths['llm'])} "
+              f"(a small LLaMA on the world's text, a small CLIP tower trained contrastively)")
+
+    # the LM: next-token prediction on the world's captions and conversations, packed into blocks (nanoGPT style)
+    texts = []
+    for name in ("stage1.json", "stage2.json"):
+        with open(os.path.join(paths["world"], name)) as f:
+            for sample in json.load(f):
+                texts.append(" ".join(turn["value"].replace("<image>", "").strip() for turn in sample["conversations"]))
+    ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids + [tokenizer.token_to_id("</s>")]]
+    block = 128
+    data = torch.tensor(ids[:len(ids) // block * block]).view(-1, block)
+    llm = Llama(dataclasses.replace(LlamaConfig.from_name("toy"), vocab_size=tokenizer.get_vocab_size()))
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for step in tqdm(range(cfg.lm_steps), desc="stage 0 LM", disable=rank != 0):
+        batch = data[torch.randint(len(data), (32,), generator=generator)]
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, cfg.lm_steps, 3e-3, 0.05)
+        logits = llm.lm_head(llm(llm.embed_tokens(batch[:, :-1])))
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    log(rank, f"stage 0 LM: final loss {loss.item():.3f}")
+    save_llama(llm, paths["llm"])
+    for name in os.listdir(paths["world"]):  # the tokenizer travels with the LLM, as in a Vicuna directory
+        if name.startswith("tokenizer"):
+            shutil.copy(os.path.join(paths["world"], name), paths["llm"])
+
+    # the vision tower: contrastive image-caption training
+    vision = CLIPVisionConfig.from_name("toy")
+    dataset = LazySupervisedDataset(os.path.join(paths["world"], "stage1.json"), os.path.join(paths["world"], "images"),
+                                    tokenizer, "plain", image_size=vision.image_size, image_aspect_ratio="pad",
+                                    max_len=512, image_tokens=vision.num_patches)
+    clip = ContrastiveCLIP(vision, tokenizer.get_vocab_size())
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True,
+                                         collate_fn=partial(collate, pad_id=0),
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    step, bar = 0, tqdm(total=cfg.clip_steps, desc="stage 0 CLIP", disable=rank != 0)
+    while step < cfg.clip_steps:
+        for batch in loader:
+            # the caption tokens follow BOS and the image placeholder of the `plain` template
+            text_ids = torch.cat([batch["input_ids"][:, :1], batch["input_ids"][:, 2:]], dim=1)
+            text_mask = torch.cat([batch["attention_mask"][:, :1], batch["attention_mask"][:, 2:]], dim=1)
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, cfg.clip_steps, 1e-3, 0.05)
+            loss = clip(batch["images"], text_ids, text_mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step == cfg.clip_steps:
+                break
+    bar.close()
+    log(rank, f"stage 0 CLIP: final contrastive loss {loss.item():.3f} (chance: {math.log(64):.2f})")
+    save_clip(clip.vision, paths["vision_tower"])
+
+
+# -----------------------------------------------------------------------------
+# stages 1 and 2
+
+
+def global_batches(dataset, cfg: TrainConfig, epoch: int) -> list:
+    """The epoch's sample order cut into global batches (the last incomplete one is dropped)."""
+    if cfg.group_by_modality:
+        order = list(ModalityLengthGroupedSampler(dataset.modality_lengths, batch_size=cfg.global_batch,
+                                                  seed=cfg.seed, epoch=epoch))
+    else:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    return [order[i:i + cfg.global_batch] for i in range(0, len(order) - cfg.global_batch + 1, cfg.global_batch)]
+
+
+def checkpoint_dirs(out_dir: str) -> list:
+    """Complete checkpoints, oldest first. A checkpoint is written under a temporary name and renamed when
+    complete, so an interrupted write never looks like a checkpoint."""
+    if not os.path.isdir(out_dir):
+        return []
+    steps = sorted(int(n.split("-")[1]) for n in os.listdir(out_dir) if n.startswith("checkpoint-"))
+    return [os.path.join(out_dir, f"checkpoint-{s}") for s in steps]
+
+
+def save_checkpoint(cfg, step, trainable: dict, optimizer, skipped: int):
+    from safetensors.torch import save_file
+    final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
+    tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, os.path.join(tmp, "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                else []}, os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "skipped": skipped, "config": dataclasses.asdict(cfg)}, f, indent=2)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(cfg.out_dir)[:-1]:  # keep only the newest
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path, trainable: dict, optimizer):
+    from safetensors.torch import load_file
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    if weights.keys() != trainable.keys():
+        raise RuntimeError(f"{path} holds different trainable tensors than this run trains (another stage?)")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    return state["step"], state["skipped"]
+
+
+def build_model(cfg: TrainConfig, device, dtype):
+    """Bases + projector, with only this stage's parts trainable. Frozen parts are kept in the compute dtype;
+    trainable parts in fp32 (autocast computes in bf16, AdamW updates fp32 master weights)."""
+    model = load_base(cfg.llm, cfg.vision_tower, cfg.projector_type, dtype=dtype, device=device)
+    if cfg.projector:
+        load_projector(model, cfg.projector)
+    model.requires_grad_(False)
+    trainable = [model.multi_modal_projector] + ([model.language_model] if cfg.stage == 2 else [])
+    for part in trainable:
+        part.float().requires_grad_(True)
+    model.multi_modal_projector.float()  # fresh or loaded, the projector is trained in fp32 (stage 2 too)
+    model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+def flops_per_token(model, cfg) -> float:
+    """Training FLOPs per LLM position: 2N forward through the LLM and projector, 2N backward for activation
+    gradients, 2N more for weight gradients where weights train (Kaplan et al. 6N, minus frozen weights)."""
+    n_llm = sum(p.numel() for p in model.language_model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * n_llm + 2 * n_trainable
+
+
+def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
+    tokenizer = load_tokenizer(cfg.llm)
+    model = build_model(cfg, device, dtype)
+    # transformers' LLaVA needs a vocabulary id for its image tokens: the toy tokenizer has "<image>"; LLaMA's has
+    # none, so the saved model gets one past the vocabulary (padded there, as llava-hf's 32000)
+    model.config.image_token_index = tokenizer.token_to_id("<image>") or model.config.text.vocab_size
+    assert cfg.global_batch % (world * cfg.micro_batch) == 0, \
+        f"global batch {cfg.global_batch} must split into {world} ranks × micro-batches of {cfg.micro_batch}"
+    accum = cfg.global_batch // (world * cfg.micro_batch)
+    dataset = LazySupervisedDataset(cfg.data, cfg.image_folder, tokenizer, cfg.template,
+                                    image_size=model.config.vision.image_size,
+                                    image_aspect_ratio=cfg.image_aspect_ratio, max_len=cfg.max_len,
+                                    image_tokens=model.config.num_image_tokens, skip_bad=cfg.skip_bad)
+    steps_per_epoch = len(dataset) // cfg.global_batch
+    total_steps = int(cfg.epochs * steps_per_epoch)
+    if total_steps == 0:
+        raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch}")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(list(trainable.values()), cfg, fused=device.type == "cuda")
+    start_step, skipped = 0, 0
+    if cfg.resume and checkpoint_dirs(cfg.out_dir):
+        start_step, skipped = load_checkpoint(checkpoint_dirs(cfg.out_dir)[-1], trainable, optimizer)
+        log(rank, f"resumed from {checkpoint_dirs(cfg.out_dir)[-1]} at step {start_step}")
+    model.train()
+    model.vision_tower.eval()  # frozen: CLIP's statistics stay as pretrained
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in model.language_model.layers:  # one all-gather per decoder layer, freed after use
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        ddp_model = model
+    elif world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                              else None)
+    else:
+        ddp_model = model
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    log(rank, f"stage {cfg.stage}: {len(dataset)} samples, {total_steps} steps of {cfg.global_batch} "
+              f"({world} ranks × {accum} micro-steps × {cfg.micro_batch}), trainable "
+              f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M of "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    bar = tqdm(total=end_step, initial=start_step, desc=f"stage {cfg.stage}", disable=rank != 0)
+    per_rank = cfg.global_batch // world
+    step, flops_token = start_step, flops_per_token(model, cfg)
+    while step < end_step:
+        epoch, offset = divmod(step, steps_per_epoch)
+        # this rank's micro-batches for the rest of the epoch: its slice of each global batch
+        micro_batches = [batch[rank * per_rank:(rank + 1) * per_rank][i:i + cfg.micro_batch]
+                         for batch in global_batches(dataset, cfg, epoch)[offset:]
+                         for i in range(0, per_rank, cfg.micro_batch)]
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches,
+                                                  collate_fn=partial(collate, pad_id=tokenizer.token_to_id("<unk>")),
+                                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
+        for _ in range(offset, steps_per_epoch):
+            if step >= end_step:
+                break
+            t0 = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio)
+            batches = [next(loader) for _ in range(accum)]
+            # average over every supervised token of the global batch, not a mean of per-micro-batch means
+            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            stats = all_reduce_sum(torch.tensor([n_local, 0.0, 0.0, 0.0], dtype=torch.float64, device=device))
+            n_global = max(stats[0].item(), 1.0)
+            loss_sum = torch.zeros((), device=device)
+            for i, b in enumerate(batches):
+                skipped += b["n_skipped"]
+                last = i == accum - 1
+                # gradients are all-reduced only on the last micro-step (DDP's no_sync); FSDP syncs every time
+                sync = contextlib.nullcontext() if last or world == 1 or cfg.fsdp else ddp_model.no_sync()
+                with sync, autocast:
+                    if len(b["ids"]) == 0:  # every sample of this micro-batch was skipped: a zero loss keeps
+                        loss = sum(p.sum() for p in trainable.values()) * 0.0  # all ranks in step
+                    else:
+                        images = b["images"].to(device, non_blocking=True) if b["images"] is not None else None
+                        loss = ddp_model(b["input_ids"].to(device), images, b["attention_mask"].to(device),
+                                         b["labels"].to(device), reduction="sum")
+                        if images is None:  # text-only batch: touch the unused projector so DDP's sync sees it
+                            loss = loss + 0.0 * sum(p.sum() for p in model.multi_modal_projector.parameters())
+                    # DDP averages gradients over ranks; × world turns that into the sum over the global batch
+                    (loss * world / n_global).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            stats[1], stats[2] = loss_sum, sum(b["attention_mask"].sum().item() for b in batches)
+            stats = all_reduce_sum(stats)
+            dt = time.time() - t0
+            record = dict(step=step, loss=stats[1].item() / n_global, lr=optimizer.param_groups[0]["lr"],
+                          grad_norm=grad_norm.item(), tokens_per_s=stats[2].item() / dt, skipped=skipped)
+            if device.type == "cuda":
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                # tokens counted before splicing; each image adds num_image_tokens - 1 more positions per sample
+                record["mfu"] = flops_token * stats[2].item() / dt / (world * 989e12)  # H100 bf16 dense peak
+            if rank == 0:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.update()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % cfg.save_every == 0 and step < end_step and not cfg.fsdp:
+                if rank == 0:
+                    save_checkpoint(cfg, step, trainable, optimizer, skipped)
+                if dist.is_initialized():
+                    dist.barrier()
+    bar.close()
+    skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
+    if rank == 0:
+        if not cfg.fsdp:
+            save_checkpoint(cfg, step, trainable, optimizer, skipped)
+        final = os.path.join(cfg.out_dir, "model")
+        save_llava(model, final)
+        for name in os.listdir(cfg.llm):
+            if name.startswith(("tokenizer", "special_tokens_map")):
+                shutil.copy(os.path.join(cfg.llm, name), final)
+        with open(os.path.join(final, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        point_latest(cfg.runs_dir, final)
+        log(rank, f"stage {cfg.stage} done: {step} steps, {skipped} samples skipped; model saved to {final}")
+    return model
+
+
+def point_latest(runs_dir: str, model_dir: str):
+    """`<runs_dir>/LATEST` names the newest finished model; chat.py and eval.py use it by default."""
+    os.makedirs(runs_dir, exist_ok=True)
+    tmp = os.path.join(runs_dir, ".LATEST.tmp")
+    with open(tmp, "w") as f:
+        f.write(os.path.abspath(model_dir) + "\n")
+    os.replace(tmp, os.path.join(runs_dir, "LATEST"))
+
+
+def main(argv=None):
+    cfg = resolve_config(argv)
+    rank, world, device, dtype = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    toy = cfg.llm == toy_paths(cfg)["llm"]
+    if cfg.stage == 0 or (toy and not os.path.exists(os.path.join(cfg.vision_tower, "config.json"))):
+        run_stage0(cfg, rank)
+        if dist.is_initialized():
+            dist.barrier()
+    if cfg.stage == 2 and toy and cfg.projector and not os.path.isdir(cfg.projector):
+        raise SystemExit(f"stage 2 starts from stage 1's projector; run `python train.py --stage 1` first "
+                         f"(no {cfg.projector})")
+    if cfg.stage in (1, 2):
+        log(rank, "config: " + json.dumps(dataclasses.asdict(cfg)))
+        train(cfg, rank, world, device, dtype)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
