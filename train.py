@@ -296,12 +296,13 @@ def run_stage0(cfg: TrainConfig, rank: int):
 
 def global_batches(dataset, cfg: TrainConfig, epoch: int) -> list:
     """The epoch's sample order cut into global batches (the last incomplete one is dropped)."""
-    if cfg.group_by_modality:
-        order = list(ModalityLengthGroupedSampler(dataset.modality_lengths, batch_size=cfg.global_batch,
-                                                  seed=cfg.seed, epoch=epoch))
+    if cfg.group_by_modality:  # single-modality global batches, dealt into micro-batches of similar length
+        batches = ModalityLengthGroupedSampler(dataset.modality_lengths, batch_size=cfg.global_batch,
+                                               micro_batch=cfg.micro_batch, seed=cfg.seed, epoch=epoch).global_batches()
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    return [order[i:i + cfg.global_batch] for i in range(0, len(order) - cfg.global_batch + 1, cfg.global_batch)]
+        batches = [order[i:i + cfg.global_batch] for i in range(0, len(order), cfg.global_batch)]
+    return [batch for batch in batches if len(batch) == cfg.global_batch]
 
 
 def checkpoint_dirs(out_dir: str) -> list:

@@ -1,0 +1,532 @@
+"""data.py against the official LLaVA outputs (golden files from llava-torch 1.2.2.post1), the spec's template strings,
+and the guarantees we add: no silent mis-masking, images never cut, bad samples named, single-modality batches."""
+
+import hashlib
+import io
+import json
+import random
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from data import (CONV_TEMPLATES, EOS_ID, IMAGE_MARKER, SHORT_ANSWER, DataError, LazySupervisedDataset,
+                  ModalityLengthGroupedSampler, collate, conv_mode_for, ensure_toy_world, load_tokenizer,
+                  make_toy_world, open_image, preprocess, render, to_messages, tokenize_prompt, truncate)
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = json.loads((FIXTURES / "golden_preprocess.json").read_text())
+GOLDEN_TOKENIZER = json.loads((FIXTURES / "golden_tokenizer.json").read_text())["rows"]
+
+# -----------------------------------------------------------------------------
+# templates: the spec's exact strings (spec §1)
+
+SYSTEM_USER = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+               "detailed, and polite answers to the user's questions.")
+SYSTEM_HUMAN = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the human's questions.")
+SYSTEM_LLAVA_LLAMA_2 = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                        "that the user provides, and assist the user with a variety of tasks using natural language.")
+SYSTEM_MPT = ("<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. The assistant gives "
+              "helpful and honest answers.")
+TWO_ROUNDS = [(0, "<image>\nQ1"), (1, "A1"), (0, "Q2"), (1, None)]
+RENDERED = {
+    "vicuna_v1": f"{SYSTEM_USER} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:",
+    "v1": f"{SYSTEM_USER} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:",
+    "llava_v1": f"{SYSTEM_HUMAN} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:",
+    "llava_llama_2": f"[INST] <<SYS>>\n{SYSTEM_LLAVA_LLAMA_2}\n<</SYS>>\n\n<image>\nQ1 [/INST] A1 </s><s>[INST] Q2 [/INST]",
+    "mistral_instruct": "[INST] <image>\nQ1 [/INST] A1 </s>[INST] Q2 [/INST]",
+    "chatml_direct": "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ1<|im_end|>"
+                     "<|im_start|>assistant\nA1<|im_end|><|im_start|>user\nQ2<|im_end|><|im_start|>assistant\n",
+    "mpt": f"{SYSTEM_MPT}<|im_end|><|im_start|>user\n<image>\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>"
+           "<|im_start|>user\nQ2<|im_end|><|im_start|>assistant\n",
+    "llava_v0": f"{SYSTEM_HUMAN}###Human: <image>\nQ1###Assistant: A1###Human: Q2###Assistant:",
+    "plain": "<image>\nQ1\nA1\nQ2\n",
+}
+
+
+@pytest.mark.parametrize("template", sorted(RENDERED))
+def test_render_matches_the_spec(template):
+    assert render(CONV_TEMPLATES[template], TWO_ROUNDS) == RENDERED[template]
+
+
+def test_render_roles_by_name_and_order():
+    conv = CONV_TEMPLATES["vicuna_v1"]
+    by_name = [("human", "<image>\nQ1"), ("gpt", "A1"), ("USER", "Q2"), ("ASSISTANT", None)]
+    assert render(conv, by_name) == RENDERED["vicuna_v1"]
+    assert render(conv, [(0, "<image>\nHi"), (1, None)]) == f"{SYSTEM_USER} USER: <image>\nHi ASSISTANT:"
+    with pytest.raises(ValueError, match="alternate"):
+        render(conv, [(1, "A1"), (0, "Q")])
+
+
+def test_golden_inference_prompts(llama_tokenizer):
+    for case in GOLDEN["inference_prompts"]:
+        assert tokenize_prompt(llama_tokenizer, case["prompt"]) == case["tokenizer_image_token_ids_fast_tokenizer_json"]
+    # the first one is exactly what an inference caller renders: llava_v1 with "<image>\n" + question
+    first = GOLDEN["inference_prompts"][0]
+    assert first["conv_mode"] == "llava_v1"
+    assert render(CONV_TEMPLATES["llava_v1"], [(0, "<image>\nWhat is shown in this image?"), (1, None)]) == first["prompt"]
+
+
+@pytest.mark.parametrize("name, mode", [
+    ("liuhaotian/llava-v1.5-7b", "llava_v1"), ("llava-v1.5-13b", "llava_v1"), ("llava-v1.6-vicuna-7b", "llava_v1"),
+    ("liuhaotian/llava-v1.6-34b", "chatml_direct"), ("llava-v1.6-mistral-7b", "mistral_instruct"),
+    ("llava-llama-2-13b-chat-lightning-preview", "llava_llama_2"), ("LLaVA-Lightning-MPT-7B-preview", "mpt"),
+    ("/ckpt/llava-v1.5-7b-lora/checkpoint-500/", "llava_v1"), ("runs/toy", "llava_v0")])
+def test_conv_mode_for(name, mode):
+    assert conv_mode_for(name) == mode
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_json_matches_golden(llama_tokenizer):
+    for row in GOLDEN_TOKENIZER:
+        assert llama_tokenizer.encode(row["text"]).ids == row["ids"], row["text"]
+
+
+def test_tokenizer_from_sentencepiece_model(tmp_path, llama_tokenizer):
+    shutil.copy(FIXTURES / "llama2-tokenizer" / "tokenizer.model", tmp_path)  # no tokenizer.json next to it
+    from_model = load_tokenizer(tmp_path)
+    assert from_model.get_vocab() == llama_tokenizer.get_vocab()
+    for row in GOLDEN_TOKENIZER:
+        assert from_model.encode(row["text"]).ids == row["ids"], row["text"]
+    for text in [" " * n + "x" + " " * m for n in range(20) for m in range(8)]:  # runs of spaces: merge-order ties
+        assert from_model.encode(text).ids == llama_tokenizer.encode(text).ids
+    assert from_model.decode(from_model.encode("Hello, 世界 🙂").ids) == "Hello, 世界 🙂"
+
+
+def test_load_tokenizer_without_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
+        load_tokenizer(tmp_path)
+
+
+def test_tokenize_prompt_images_and_chunks(llama_tokenizer):
+    assert tokenize_prompt(llama_tokenizer, "<image>") == [1, IMAGE_TOKEN_INDEX]
+    assert tokenize_prompt(llama_tokenizer, "\n") == [1, 29871, 13]  # spec §2
+    assert tokenize_prompt(llama_tokenizer, "USER: ") == [1, 3148, 1001, 29901, 29871]
+    # every chunk gets its own dummy-prefix "▁" (29871 before "\n"), one <s> in front, one id per image
+    ids = tokenize_prompt(llama_tokenizer, "<image>\n<image>\nHi")
+    assert ids == [1, IMAGE_TOKEN_INDEX, 29871, 13, IMAGE_TOKEN_INDEX, 29871, 13, 18567]
+
+
+# -----------------------------------------------------------------------------
+# tokenization and label masking
+
+
+@pytest.mark.parametrize("case", GOLDEN["samples"], ids=lambda c: c["id"])
+def test_golden_v1(case, llama_tokenizer):
+    want = case["v1_fast_tokenizer_json"]
+    messages = to_messages(case["conversations"], case["has_image"])
+    assert render(CONV_TEMPLATES["vicuna_v1"], messages) == want["prompt"]
+    input_ids, labels = preprocess(case["conversations"], llama_tokenizer, "vicuna_v1", case["has_image"])
+    assert input_ids == want["input_ids"] == case["input_ids_fast_tokenizer_json"]
+    assert labels == want["labels"]
+
+
+@pytest.mark.parametrize("case", GOLDEN["plain_samples"], ids=lambda c: c["id"])
+def test_golden_plain(case, llama_tokenizer):
+    input_ids, labels = preprocess(case["conversations"], llama_tokenizer, "plain", has_image=True)
+    assert input_ids == case["plain"]["input_ids"] == case["input_ids_fast_tokenizer_json"]
+    assert labels == case["plain"]["labels"]
+
+
+def official_masking(tokenizer, prompt: str, sep: str, sep2: str) -> list[int]:
+    """The masking loop of the official preprocess_v1 / preprocess_llama_2 (legacy tokenizer), transcribed."""
+    input_ids = tokenize_prompt(tokenizer, prompt)
+    target, cur_len = list(input_ids), 1
+    target[0] = IGNORE_INDEX
+    for rou in prompt.split(sep2):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len = len(tokenize_prompt(tokenizer, rou))
+        instruction_len = len(tokenize_prompt(tokenizer, parts[0])) - 2
+        for k in range(cur_len, min(cur_len + instruction_len, len(target))):
+            target[k] = IGNORE_INDEX
+        cur_len += round_len
+    target[cur_len:] = [IGNORE_INDEX] * (len(target) - cur_len)
+    assert cur_len == len(input_ids), "the official code would print a tokenization mismatch here"
+    return target
+
+
+@pytest.mark.parametrize("template, sep", [("vicuna_v1", " ASSISTANT: "), ("llava_v1", " ASSISTANT: "),
+                                           ("llava_llama_2", "[/INST] "), ("mistral_instruct", "[/INST] ")])
+def test_masking_equals_the_official_loop(template, sep, llama_tokenizer):
+    for case in GOLDEN["samples"]:
+        messages = to_messages(case["conversations"], case["has_image"])
+        prompt = render(CONV_TEMPLATES[template], messages)
+        input_ids, labels = preprocess(case["conversations"], llama_tokenizer, template, case["has_image"])
+        assert input_ids == tokenize_prompt(llama_tokenizer, prompt)
+        assert labels == official_masking(llama_tokenizer, prompt, sep, "</s>"), case["id"]
+
+
+@pytest.mark.parametrize("template, supervised", [
+    ("vicuna_v1", "A1</s> A2</s>"), ("llava_v1", "A1</s> A2</s>"), ("llava_llama_2", "A1 </s> A2 </s>"),
+    ("mistral_instruct", "A1 </s> A2 </s>"), ("chatml_direct", "A1<|im_end|>A2<|im_end|>")])
+def test_supervised_text_per_template(template, supervised, toy_world):
+    """Each answer and the separator that ends it are supervised, nothing else: decoded, that is `supervised`."""
+    tokenizer = load_tokenizer(toy_world["tokenizer"])
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # as in the tokenizers chatml models ship with
+    conversation = [dict(zip(("from", "value"), turn)) for turn in
+                    [("human", "Q1\n<image>"), ("gpt", "A1"), ("human", "Q2"), ("gpt", "A2")]]
+    input_ids, labels = preprocess(conversation, tokenizer, template, has_image=True)
+    assert input_ids.count(IMAGE_TOKEN_INDEX) == 1 and len(labels) == len(input_ids)
+    kept = [label for label in labels if label != IGNORE_INDEX]
+    assert all(label == token for label, token in zip(labels, input_ids) if label != IGNORE_INDEX)
+    assert tokenizer.decode(kept, skip_special_tokens=False) == supervised
+
+
+def test_straddling_token_is_an_error_not_a_silent_mask(llama_tokenizer):
+    # LLaMA's vocabulary merges "><" across "<|im_end|><|im_start|>", so chatml answers have no exact boundary;
+    # the official preprocess_mpt would find a mismatch and silently zero the whole sample
+    conversation = [dict(zip(("from", "value"), turn)) for turn in
+                    [("human", "Q1"), ("gpt", "A1"), ("human", "Q2"), ("gpt", "A2")]]
+    with pytest.raises(DataError, match="straddles"):
+        preprocess(conversation, llama_tokenizer, "chatml_direct", has_image=False)
+
+
+def test_to_messages_official_edits():
+    turns = [dict(zip(("from", "value"), turn)) for turn in
+             [("gpt", "hello"), ("human", "What is it?\n<image>"), ("gpt", "A cat."),
+              ("human", "Compare <image> and <image>."), ("gpt", "Same.")]]
+    assert to_messages(turns, has_image=True) == [  # leading gpt turn dropped; a lone marker moves to the front
+        (0, "<image>\nWhat is it?"), (1, "A cat."), (0, "Compare <image> and <image>."), (1, "Same.")]
+    assert to_messages(turns[1:3], has_image=False) == [(0, "What is it?\n<image>"), (1, "A cat.")]
+
+
+# -----------------------------------------------------------------------------
+# truncation
+
+
+def test_truncate_counts_images_and_never_cuts_one():
+    ids = [1, 5, IMAGE_TOKEN_INDEX, 6, 7, 8]
+    labels = [IGNORE_INDEX] * 4 + [7, 8]
+    assert truncate(ids, labels, max_len=9, image_tokens=4) == (ids, labels)  # 1 + 1 + 4 + 3 = 9 positions
+    assert truncate(ids, labels, max_len=8, image_tokens=4) == (ids[:5], labels[:5])
+    assert truncate(ids, labels, max_len=6, image_tokens=4) is None  # only the prompt would be left
+    assert truncate(ids, labels, max_len=5, image_tokens=4) is None  # the image does not fit: it goes, and all after
+    assert truncate(ids[:2] + ids[3:], labels[:2] + labels[3:], max_len=5, image_tokens=4) == (ids[:2] + ids[3:],
+                                                                                              labels[:2] + labels[3:])
+
+
+def test_dataset_truncation_drops_whole_images(tmp_path, toy_world):
+    tokenizer = load_tokenizer(toy_world["tokenizer"])
+    sample = dict(id="two", image=["train_00000.png", "train_00001.png"], conversations=[
+        dict(zip(("from", "value"), turn)) for turn in
+        [("human", "<image>\nWhat colour is it?"), ("gpt", "red"), ("human", "And this one?\n<image>"), ("gpt", "blue")]])
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([sample]))
+
+    def load(max_len):
+        return LazySupervisedDataset(path, toy_world["images"], tokenizer, "vicuna_v1", image_size=32,
+                                     max_len=max_len, image_tokens=16)[0]
+
+    full = load(2048)
+    assert full["images"].shape == (2, 3, 32, 32)
+    second = [k for k, t in enumerate(full["input_ids"].tolist()) if t == IMAGE_TOKEN_INDEX][1]
+    cut = load(second - 1 + 16 + 15)  # room for the text and image before the second image, not for all of it
+    assert cut["images"].shape == (1, 3, 32, 32)
+    assert cut["input_ids"].tolist() == full["input_ids"][:second].tolist()
+    assert tokenizer.decode([t for t in cut["labels"].tolist() if t != IGNORE_INDEX]) == "red"
+    assert load(20) is None  # the first answer comes after the first image: nothing left to learn
+
+
+# -----------------------------------------------------------------------------
+# round trip: toy world -> dataset -> DataLoader
+
+
+def check_batch(batch, records, tokenizer, image_size):
+    B, T = batch["input_ids"].shape
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    assert batch["attention_mask"].dtype == torch.bool and batch["labels"].shape == (B, T)
+    n_images = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum())
+    if n_images:
+        assert batch["images"].shape == (n_images, 3, image_size, image_size)
+        assert batch["images"].dtype == torch.float32 and batch["images"].abs().max() < 3  # CLIP-normalized
+    else:
+        assert batch["images"] is None
+    assert (batch["labels"][~batch["attention_mask"]] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][~batch["attention_mask"]] == 0).all()
+    assert (batch["labels"][batch["input_ids"] == IMAGE_TOKEN_INDEX] == IGNORE_INDEX).all()
+    supervised = batch["labels"] != IGNORE_INDEX
+    assert (batch["labels"][supervised] == batch["input_ids"][supervised]).all()
+    for row, sample_id in enumerate(batch["ids"]):
+        answers = [turn["value"] for turn in records[sample_id]["conversations"][1::2]]
+        ids = batch["labels"][row][supervised[row]].tolist()
+        assert ids and ids[-1] == EOS_ID
+        assert tokenizer.decode(ids) == " ".join(answers)  # every answer, and its </s>
+    return n_images
+
+
+def test_round_trip_stage2(toy_world):
+    tokenizer = load_tokenizer(toy_world["tokenizer"])
+    dataset = LazySupervisedDataset(toy_world["stage2"], toy_world["images"], tokenizer, "vicuna_v1", image_size=32,
+                                    image_tokens=16)
+    records = {r["id"]: r for r in json.loads(toy_world["stage2"].read_text())}
+    sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, batch_size=8, seed=0)
+    loader = DataLoader(dataset, batch_size=8, sampler=sampler, collate_fn=collate)
+    seen, images, modalities = [], 0, []
+    for batch in loader:
+        images += check_batch(batch, records, tokenizer, 32)
+        assert batch["n_skipped"] == 0
+        seen += batch["ids"]
+        modalities.append({"image" in records[i] for i in batch["ids"]})
+    assert sorted(seen) == sorted(records)
+    n_single = (len(dataset) - len(sampler.global_batches()[-1])) // 8  # the batches before the mixed leftover
+    assert n_single > 5 and all(len(m) == 1 for m in modalities[:n_single])
+    assert images == sum(len(r["image"]) if isinstance(r.get("image"), list) else "image" in r
+                         for r in records.values())
+    assert any(isinstance(r.get("image"), list) for r in records.values())  # two-image samples were in there
+    assert any("image" not in r for r in records.values())  # and text-only ones
+
+
+def test_round_trip_stage1_plain(toy_world):
+    tokenizer = load_tokenizer(toy_world["tokenizer"])
+    dataset = LazySupervisedDataset(toy_world["stage1"], toy_world["images"], tokenizer, "plain", image_size=48,
+                                    image_aspect_ratio="square")
+    records = json.loads(toy_world["stage1"].read_text())
+    batch = collate([dataset[i] for i in range(4)])
+    assert batch["images"].shape == (4, 3, 48, 48)
+    for row, record in enumerate(records[:4]):
+        ids = batch["input_ids"][row][batch["attention_mask"][row]].tolist()
+        assert ids[:2] == [1, IMAGE_TOKEN_INDEX]  # the instruction is dropped (official preprocess_plain)
+        supervised = [t for t in batch["labels"][row].tolist() if t != IGNORE_INDEX]
+        assert supervised == ids[2:]
+        assert tokenizer.decode(supervised) == record["conversations"][1]["value"] + "\n"
+
+
+def test_toy_tokenizer_has_llamas_structure(toy_world):
+    toy = json.loads(toy_world["tokenizer"].read_text())
+    llama = json.loads((FIXTURES / "llama2-tokenizer" / "tokenizer.json").read_text())
+    for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert toy[key] == llama[key], key
+    assert toy["added_tokens"][:3] == llama["added_tokens"]
+    for key in ("type", "unk_token", "fuse_unk", "byte_fallback"):
+        assert toy["model"][key] == llama["model"][key]
+    assert list(toy["model"]["vocab"].items())[:259] == list(llama["model"]["vocab"].items())[:259]  # specials, bytes
+    image = toy["added_tokens"][-1]
+    assert image["content"] == IMAGE_MARKER and image["special"]
+    assert image["id"] == len(toy["model"]["vocab"]) == load_tokenizer(toy_world["tokenizer"]).get_vocab_size() - 1
+    assert 300 <= image["id"] <= 600
+
+
+def test_default_toy_world(tmp_path, capsys):
+    """ensure_toy_world: generated once, atomically, with defaults that pass through the whole data path."""
+    paths = ensure_toy_world(tmp_path / "toy_world")
+    assert "generating the toy world" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["toy_world"]  # the temporary folder was renamed into place
+    stamp = paths["stage2"].stat().st_mtime_ns
+    assert ensure_toy_world(tmp_path / "toy_world") == paths and capsys.readouterr().out == ""
+    assert paths["stage2"].stat().st_mtime_ns == stamp
+
+    tokenizer = load_tokenizer(paths["tokenizer"])
+    stage1, stage2 = json.loads(paths["stage1"].read_text()), json.loads(paths["stage2"].read_text())
+    assert len(stage1) == 2000 and len(stage2) == 3000
+    for record in stage1:
+        preprocess(record["conversations"], tokenizer, "plain", True)
+    lengths = []
+    for record in stage2:
+        input_ids, labels = preprocess(record["conversations"], tokenizer, "vicuna_v1", "image" in record)
+        lengths.append(len(input_ids))
+    assert max(lengths) < 128  # short sequences: the toy trains fast
+    assert {len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r) for r in stage2} == {0, 1, 2}
+    assert sum(SHORT_ANSWER in r["conversations"][0]["value"] for r in stage2) > 500
+
+    questions = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
+    assert len(questions) == 300 and len({q["question_id"] for q in questions}) == 300
+    answers = {"colour": {"red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray"},
+               "shape": {"circle", "square", "triangle", "cross"}, "count": {"1", "2", "3"},
+               "position": {"left", "right", "top", "bottom"}, "yes_no": {"yes", "no"}}
+    for q in questions:
+        assert q["answer"] in answers[q["category"]] and q["text"].endswith(SHORT_ANSWER)
+        assert (paths["images"] / q["image"]).exists()
+    assert {q["category"] for q in questions} == set(answers)
+    assert abs(sum(q["answer"] == "yes" for q in questions) - sum(q["answer"] == "no" for q in questions)) < 20
+    trained_on = {f for r in stage1 + stage2 for f in ([r["image"]] if isinstance(r.get("image"), str)
+                                                       else r.get("image", []))}
+    assert trained_on.isdisjoint(q["image"] for q in questions)
+    sizes = {Image.open(paths["images"] / f).size for f in sorted(trained_on)[:200]}
+    assert (64, 64) in sizes and len(sizes) > 1  # some non-square images
+
+
+def tree_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_toy_world_is_deterministic(tmp_path):
+    sizes = dict(n_train_images=20, n_stage1=20, n_stage2=40, n_eval_images=5)
+    a = tree_hashes(make_toy_world(tmp_path / "a", seed=0, **sizes)["root"])
+    b = tree_hashes(make_toy_world(tmp_path / "b", seed=0, **sizes)["root"])
+    c = tree_hashes(make_toy_world(tmp_path / "c", seed=1, **sizes)["root"])
+    assert a == b and len(a) == 20 + 5 + 4
+    assert a.keys() == c.keys()
+    assert all(a[name] != c[name] for name in ("stage1.json", "stage2.json", "eval.jsonl", "images/train_00000.png"))
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (the CRC fixed, so it parses)."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data starts at byte 16
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def turns(*values):
+    return [dict(zip(("from", "value"), turn)) for turn in zip(["human", "gpt"] * len(values), values)]
+
+
+BAD = {  # id -> (sample, what the error must say)
+    "missing": (dict(image="nope.png", conversations=turns("<image>\nQ?", "red")), "nope.png: image file not found"),
+    "corrupt": (dict(image="corrupt.png", conversations=turns("<image>\nQ?", "red")), "corrupt.png: cannot read"),
+    "bomb": (dict(image="bomb.png", conversations=turns("<image>\nQ?", "red")), "bomb.png: decompression bomb"),
+    "order": (dict(conversations=turns("Q?", "red")[:1] * 2), "must alternate"),
+    "two_markers": (dict(image="ok.png", conversations=turns("<image>\n<image>\nQ?", "red")), "2 <image> markers for 1"),
+    "no_marker": (dict(image="ok.png", conversations=turns("Q?", "red")), "0 <image> markers for 1 images"),
+    "text_marker": (dict(conversations=turns("<image>\nQ?", "red")), "1 <image> markers for 0 images"),
+    "empty": (dict(image="ok.png", conversations=turns("<image>\nQ?", "  ")), "empty answer"),
+}
+
+
+@pytest.fixture
+def bad_jsonl(tmp_path, toy_world):
+    """A JSONL file of good samples, each bad case, and a line of invalid JSON; and its image folder."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(toy_world["images"] / "train_00000.png", images / "ok.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (images / "bomb.png").write_bytes(bomb_png(50_000, 50_000))
+    good = [dict(id=f"good{i}", image="ok.png", conversations=turns("<image>\nWhat is it?", f"thing {i}"))
+            for i in range(5)] + [dict(id="good_text", conversations=turns("Hi?", "hello"))]
+    lines = [json.dumps(s) for s in good[:3]] + [json.dumps(dict(id=k, **s)) for k, (s, _) in BAD.items()]
+    lines += ["{'id': 'broken', oops", ""] + [json.dumps(s) for s in good[3:]]  # line 12 is invalid, 13 blank
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, images, [s["id"] for s in good]
+
+
+def test_each_bad_sample_names_its_id_and_line(bad_jsonl, toy_world):
+    path, images, _ = bad_jsonl
+    dataset = LazySupervisedDataset(path, images, load_tokenizer(toy_world["tokenizer"]), "vicuna_v1", image_size=32)
+    assert len(dataset) == 3 + len(BAD) + 1 + 3
+    for index, (sample_id, (_, message)) in enumerate(BAD.items(), start=3):
+        with pytest.raises(DataError) as error:
+            dataset[index]
+        assert f"sample {sample_id} ({path}:{index + 1})" in str(error.value)
+        assert message in str(error.value)
+    with pytest.raises(DataError, match=r"bad.jsonl:12\): invalid JSON"):
+        dataset[3 + len(BAD)]
+    assert dataset[3 + len(BAD) + 1]["id"] == "good3"  # the blank line is not a sample
+
+
+def test_skip_bad_counts_across_workers(bad_jsonl, toy_world, capfd):
+    path, images, good_ids = bad_jsonl
+    dataset = LazySupervisedDataset(path, images, load_tokenizer(toy_world["tokenizer"]), "vicuna_v1", image_size=32,
+                                    skip_bad=True)
+    loader = DataLoader(dataset, batch_size=3, collate_fn=collate, num_workers=2)
+    batches = list(loader)
+    assert sum(b["n_skipped"] for b in batches) == len(BAD) + 1
+    assert [i for b in batches for i in b["ids"]] == good_ids  # nothing else lost, order kept
+    assert all(b["input_ids"].shape[0] == len(b["ids"]) for b in batches)
+    assert capfd.readouterr().err.count("skipping sample") == len(BAD) + 1
+
+
+def test_invalid_json_file_names_the_line(tmp_path, llama_tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b", oops}\n]')
+    with pytest.raises(DataError, match=r"data.json: invalid JSON at line 3 column"):
+        LazySupervisedDataset(path, tmp_path, llama_tokenizer, "vicuna_v1")
+
+
+def test_open_image_limits(tmp_path, toy_world):
+    image = open_image(toy_world["images"] / "train_00000.png")
+    assert image.size in {(64, 64), (64, 48), (48, 64)} and image.mode == "RGB"
+    with pytest.raises(DataError, match="over the limit of 1000 pixels"):  # our cap, checked before decoding
+        open_image(toy_world["images"] / "train_00000.png", max_pixels=1000)
+    (tmp_path / "warn.png").write_bytes(bomb_png(10_000, 10_000))  # Pillow warns here; we raise
+    with pytest.raises(DataError, match="decompression bomb"):
+        open_image(tmp_path / "warn.png", max_pixels=10**9)
+    (tmp_path / "cut.png").write_bytes((toy_world["images"] / "train_00000.png").read_bytes()[:-40])  # truncated
+    with pytest.raises(DataError, match="cut.png: cannot read"):
+        open_image(tmp_path / "cut.png")
+
+
+# -----------------------------------------------------------------------------
+# sampler
+
+
+def random_lengths(n, image_share, seed=0):
+    rng = random.Random(seed)
+    return [rng.randint(1, 300) * (1 if rng.random() < image_share else -1) for _ in range(n)]
+
+
+def is_image(lengths, indices):
+    return {lengths[i] > 0 for i in indices}
+
+
+def test_sampler_batches_hold_one_modality():
+    lengths = random_lengths(203, 0.7)
+    sampler = ModalityLengthGroupedSampler(lengths, batch_size=8, micro_batch=4, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(203)) and len(sampler) == 203  # each index once per epoch
+    batches = sampler.global_batches()
+    assert all(len(batch) == 8 for batch in batches[:-1]) and len(batches[-1]) < 16
+    assert all(len(is_image(lengths, batch)) == 1 for batch in batches[:-1])
+    assert len(is_image(lengths, batches[-1])) == 2  # the documented exception: the merged leftovers, last
+    n_full = 8 * (len(batches) - 1)
+    assert order[:n_full] == [i for batch in batches[:-1] for i in batch]
+    for batch in batches[:-1]:  # longest first, dealt into micro-batches of similar total length
+        totals = [sum(abs(lengths[i]) for i in batch[k:k + 4]) for k in (0, 4)]
+        assert abs(totals[0] - totals[1]) <= max(abs(lengths[i]) for i in batch)
+    # official split_to_even_chunks: 10 -> a, 9 -> b, 8 -> b (the lighter), b is full, 1 -> a
+    assert ModalityLengthGroupedSampler([10, 9, 8, 1], batch_size=4, micro_batch=2).global_batches() == [[0, 3, 1, 2]]
+
+
+def test_sampler_epochs_and_seeds():
+    lengths = random_lengths(100, 0.5)
+    sampler = ModalityLengthGroupedSampler(lengths, batch_size=8, seed=0)
+    first = list(sampler)
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == sorted(first)
+    assert list(ModalityLengthGroupedSampler(lengths, batch_size=8, seed=0, epoch=1)) == list(sampler)
+    assert list(ModalityLengthGroupedSampler(lengths, batch_size=8, seed=1)) != first
+    one_modality = ModalityLengthGroupedSampler([abs(n) for n in lengths], batch_size=8)
+    assert sorted(one_modality) == list(range(100)) and len(one_modality) == 100
+    with pytest.raises(ValueError, match="length of 0"):
+        ModalityLengthGroupedSampler([1, 0, -2], batch_size=2)
+
+
+@pytest.mark.parametrize("num_replicas, micro_batch, batch_size", [(2, 4, 8), (3, 2, 12)])  # 12: 2 accumulation steps
+def test_sampler_shards_across_ranks(num_replicas, micro_batch, batch_size):
+    lengths = random_lengths(211, 0.6, seed=1)
+    samplers = [ModalityLengthGroupedSampler(lengths, batch_size, micro_batch, num_replicas, rank, seed=5)
+                for rank in range(num_replicas)]
+    shares = [list(s) for s in samplers]
+    assert all(len(share) == len(samplers[0]) for share in shares)  # equal steps on every rank, or DDP hangs
+    everything = [i for share in shares for i in share]
+    assert set(everything) == set(range(211)) and len(everything) - 211 < num_replicas  # padding only
+    n_full = batch_size // num_replicas * (len(samplers[0].global_batches()) - 1)
+    for step in range(0, n_full, micro_batch):  # the micro-batches all ranks run together: one modality
+        together = [i for share in shares for i in share[step:step + micro_batch]]
+        assert len(is_image(lengths, together)) == 1
+    for step in range(0, n_full, batch_size // num_replicas):  # and each global batch is one sampler batch
+        together = {i for share in shares for i in share[step:step + batch_size // num_replicas]}
+        assert together in [set(b) for b in samplers[0].global_batches()]
