@@ -1,8 +1,26 @@
-"""Benchmark scoring for LLaVA-1.5: turn an answers file into the numbers of the paper's table, offline.
+"""LLaVA-1.5 evaluation: answer benchmark questions, evaluate on the toy world, and score answers files offline.
 
-The answers file is the jsonl the official runners write (llava/eval/model_vqa_loader.py and friends), one line
-per question: {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}. Each scorer below is a
-pure function of those records and of the ground truth as the benchmark ships it, and reproduces one official script:
+    python eval.py                 the newest trained model (runs/LATEST) on the toy world's held-out questions
+    python eval.py generate ...    an official question jsonl -> an answers jsonl (llava/eval/model_vqa_loader.py)
+    python eval.py score BENCH ... an answers jsonl -> the paper's number for one benchmark
+
+Answer generation reproduces llava/eval/model_vqa_loader.py (spec §10). Each question line {"question_id", "image",
+"text", ...} is asked as "<image>\\n" + text (the benchmark's answer-format suffix is already in text) in the vicuna_v1
+template, or the template train.py recorded for the model, and answered greedily, up to 128 new tokens. Each answer is
+one line {"question_id", "prompt" (the question's text), "text" (decoded, special tokens skipped, stripped),
+"answer_id", "model_id", "metadata": {}}. Unlike the official runner:
+  - questions go in left-padded batches (the official loader needs batch size 1); greedy answers are the same;
+  - a run resumes: questions already in the answers file are skipped;
+  - a question whose image cannot be read is reported on stderr and left out of the file (so a rerun retries it),
+    where the official runner crashes; a question without an image is asked as text alone;
+  - one process per GPU either by --num-chunks/--chunk-idx (the official scripts' split, merged by `cat`) or by
+    torchrun (rank 0 merges the ranks' files in question order).
+
+The toy evaluation asks the toy world's eval.jsonl (data.make_toy_world) and counts exact matches with the ground
+truth after light normalization (toy_normalize: surrounding space, case and trailing periods don't count).
+
+The answers file is scored by pure functions of its records and of the ground truth as the benchmark ships it, each
+reproducing one official script:
 
   normalize_answer    EvalAIAnswerProcessor in llava/eval/m4c_evaluator.py (from MMF; the VQA servers' normalization)
   score_vqav2         VQAv2 val accuracy: 10-annotator leave-one-out soft accuracy, m4c TextVQAAccuracyEvaluator
@@ -23,10 +41,217 @@ format of their val splits. All metrics are percentages, like the paper's table 
 import argparse
 import csv
 import json
+import math
+import os
 import re
 import sys
+import uuid
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from clip import preprocess_image
+from data import (CONV_TEMPLATES, IMAGE_MARKER, DataError, ensure_toy_world, load_tokenizer, open_image, render,
+                  tokenize_prompt)
+from model import CheckpointError, load_llava
+
+REPO = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------------------------
+# answer generation (llava/eval/model_vqa_loader.py)
+
+def split_list(items, n):
+    """Chunks of ceil(len / n) items, as the official runners split the questions for --num-chunks. There can be
+    fewer than n: 9 questions in 4 chunks are 3 + 3 + 3."""
+    size = math.ceil(len(items) / n)
+    return [items[i:i + size] for i in range(0, len(items), size)] if items else []
+
+
+def get_chunk(items, n, k):
+    """Chunk k of split_list(items, n); empty where the official get_chunk raises IndexError."""
+    chunks = split_list(items, n)
+    return chunks[k] if k < len(chunks) else []
+
+
+def latest_model(runs_dir):
+    """The model directory named by <runs_dir>/LATEST, which train.py writes at the end of every stage."""
+    latest = Path(runs_dir) / "LATEST"
+    if not latest.is_file():
+        raise FileNotFoundError(f"no trained model: {latest} does not exist; train one with `python train.py "
+                                "--stage 1` (then `python train.py --stage 2`), or pass --model DIR")
+    return latest.read_text().strip()
+
+
+def trained_template(model_dir):
+    """The conversation template the model was trained with (train.py records it in train_config.json), else
+    vicuna_v1, the one every LLaVA-1.5 eval script passes. A stage-1 model was trained with "plain"."""
+    path = Path(model_dir) / "train_config.json"
+    return (json.loads(path.read_text()).get("template") if path.is_file() else None) or "vicuna_v1"
+
+
+def question_prompt(tokenizer, conv, question):
+    """Token ids of a question as model_vqa_loader asks it: "<image>\\n" + text as the user's turn, the assistant's
+    turn left open. A question without an image is asked as its text alone."""
+    text = question["text"]
+    if question.get("image"):
+        text = IMAGE_MARKER + "\n" + text
+    return tokenize_prompt(tokenizer, render(conv, [(0, text), (1, None)]))
+
+
+def answer_batch(model, tokenizer, conv, questions, image_folder, **sampling):
+    """The answer text of each question, from one generate call; a question whose image cannot be read gets its
+    DataError instead (and is left out of the batch)."""
+    size, aspect_ratio = model.config.vision.image_size, model.config.image_aspect_ratio
+    results, prompts, images, asked = [None] * len(questions), [], [], []
+    for i, question in enumerate(questions):
+        if question.get("image"):
+            try:
+                images.append(preprocess_image(open_image(Path(image_folder) / question["image"]), size, aspect_ratio))
+            except DataError as error:
+                results[i] = error
+                continue
+        prompts.append(question_prompt(tokenizer, conv, question))
+        asked.append(i)
+    if prompts:
+        device = model.language_model.embed_tokens.weight.device
+        new_ids = model.generate(prompts, torch.stack(images).to(device) if images else None, **sampling)
+        for i, ids in zip(asked, new_ids):
+            results[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return results
+
+
+# What identifies a question, and the answer to it: the id alone does not (TextVQA's is the image id, MME's the
+# image file), so the text goes with it; an answer's prompt is its question's text.
+def _question_key(question):
+    return question["question_id"], question["text"]
+
+
+def _answer_key(answer):
+    return answer["question_id"], answer["prompt"]
+
+
+def read_answers(path):
+    """The answers already in a file, [] if there is none. Every answer is written as one line with its newline, so
+    a last line without one was cut off (a crash, a kill): it does not count, and its question is answered again."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return _parse_jsonl(text[:text.rfind("\n") + 1].split("\n"), path, required=("question_id", "prompt"))
+
+
+def open_for_append(path):
+    """Open an answers file to add lines to, first cutting off a partial last line (see read_answers)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab+") as f:
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def answer_questions(model, tokenizer, conv, questions, image_folder, answers, model_id, batch_size, progress,
+                     **sampling):
+    """Answer questions in batches, one line each to the open file `answers`; returns the ids that failed."""
+    failed = []
+    with tqdm(total=len(questions), desc="answering", unit="q", disable=not progress) as bar:
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start:start + batch_size]
+            for question, result in zip(batch, answer_batch(model, tokenizer, conv, batch, image_folder, **sampling)):
+                if isinstance(result, DataError):
+                    tqdm.write(f"question {question['question_id']}: failed: {result}", file=sys.stderr)
+                    failed.append(question["question_id"])
+                    continue
+                answers.write(json.dumps(dict(question_id=question["question_id"], prompt=question["text"],
+                                              text=result, answer_id=uuid.uuid4().hex, model_id=model_id,
+                                              metadata={})) + "\n")
+            answers.flush()  # a crash loses at most this batch
+            bar.update(len(batch))
+    return failed
+
+
+def merge_answers(questions, answers_file, sources):
+    """The answers of the source files, in question order, replace answers_file (written to a temporary file and
+    renamed, so a crash here loses nothing)."""
+    by_key = {}
+    for path in sources:
+        for record in read_answers(path):
+            by_key.setdefault(_answer_key(record), record)
+    tmp = answers_file.with_name(answers_file.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(by_key[_question_key(q)]) + "\n" for q in questions if _question_key(q) in by_key)
+    os.replace(tmp, answers_file)
+
+
+def _rank_file(answers_file, rank, world):  # answers.jsonl -> answers.rank0-of-8.jsonl
+    return answers_file.with_name(f"{answers_file.stem}.rank{rank}-of-{world}{answers_file.suffix}")
+
+
+def resolve_device(name):
+    """"auto" is the GPU if there is one; under torchrun each rank takes its LOCAL_RANK's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    if name == "auto":  # the official runners load the model in float16
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def run_generation(args, model_dir, questions, image_folder, answers_file, num_chunks=1, chunk_idx=0, resume=True):
+    """Answer this process's chunk of `questions` into answers_file, resuming it, or with resume=False starting it
+    afresh. Under torchrun, rank r answers chunk r into its own file, and rank 0 merges them into answers_file.
+    Returns (answered, failed, skipped as already answered), summed over the processes, on rank 0; None elsewhere."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    answers_file = own_file = Path(answers_file)
+    if world > 1:
+        if num_chunks > 1:
+            raise ValueError("shard the questions with torchrun or with --num-chunks, not both")
+        # the process group only carries the counts and the barrier before the merge (gloo works with any device);
+        # ranks can finish hours apart, hence the long timeout
+        dist.init_process_group("gloo", timeout=timedelta(days=1))
+        num_chunks, chunk_idx, own_file = world, rank, _rank_file(answers_file, rank, world)
+    mine = get_chunk(questions, num_chunks, chunk_idx)
+    done = {_answer_key(a) for path in {answers_file, own_file} for a in read_answers(path)} if resume else set()
+    todo = [q for q in mine if _question_key(q) not in done]
+    if not resume and own_file.exists():
+        own_file.unlink()
+
+    failed = []
+    with open_for_append(own_file) as answers:
+        if todo:  # a finished run does not even load the model
+            device = resolve_device(args.device)
+            dtype = resolve_dtype(args.dtype, device)
+            conv_mode = args.conv_mode or trained_template(model_dir)
+            batch_size = args.batch_size or (8 if device.type == "cuda" else 4)
+            if rank == 0:
+                print(f"{model_dir}: template {conv_mode}, batch {batch_size}, {device}, {dtype}; answering into "
+                      f"{answers_file}", flush=True)
+            model = load_llava(model_dir, args.vision_tower, dtype, device)
+            tokenizer = load_tokenizer(model_dir)
+            failed = answer_questions(model, tokenizer, CONV_TEMPLATES[conv_mode], todo, image_folder, answers,
+                                      Path(model_dir).resolve().name, batch_size, progress=rank == 0,
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p)
+    counts = torch.tensor([len(todo) - len(failed), len(failed), len(mine) - len(todo)])
+    if world > 1:
+        dist.all_reduce(counts)  # every rank has closed its file once this returns
+        if rank == 0:
+            parts = [_rank_file(answers_file, r, world) for r in range(world)]
+            merge_answers(questions, answers_file, ([answers_file] if resume else []) + parts)
+            for part in parts:
+                part.unlink()
+        dist.destroy_process_group()
+    return tuple(counts.tolist()) if rank == 0 else None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # answer normalization (VQAv2, TextVQA, VizWiz)
@@ -422,25 +647,56 @@ def score_seed(answers, annotations):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the toy world: exact match
+
+def toy_normalize(text):
+    """'Yellow.' -> 'yellow': surrounding space, case and trailing periods don't count; nothing else is forgiven."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+def score_toy(answers, questions):
+    """questions: the toy world's eval.jsonl records (question_id, category, answer). A question without an answer
+    (its image could not be read) is wrong. Categories are listed in the order they first appear."""
+    by_id = _by_key(answers, lambda a: a["question_id"])
+    known = {q["question_id"] for q in questions}
+    for question_id in by_id:
+        if question_id not in known:
+            raise _unknown(question_id)
+    hits = defaultdict(list)
+    for question in questions:
+        answer = by_id.get(question["question_id"])
+        hits[question["category"]].append(
+            answer is not None and toy_normalize(answer["text"]) == toy_normalize(question["answer"]))
+    every = [hit for category_hits in hits.values() for hit in category_hits]
+    return {"accuracy": _percent(every), "right": sum(every), "questions": len(every),
+            "by_category": {category: {"accuracy": _percent(h), "right": sum(h), "questions": len(h)}
+                            for category, h in hits.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # reading the files each benchmark ships
 
 def read_jsonl(path, required=()):
     """One JSON object per line; a bad line, or one without a `required` field, is an error naming it."""
-    records = []
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: not a JSON object")
-            missing = [field for field in required if field not in record]
-            if missing:
-                raise ValueError(f"{path}:{line_number}: no {missing[0]!r} field")
-            records.append(record)
+        return _parse_jsonl(f, path, required)
+
+
+def _parse_jsonl(lines, path, required=()):
+    records = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: not a JSON object")
+        missing = [field for field in required if field not in record]
+        if missing:
+            raise ValueError(f"{path}:{line_number}: no {missing[0]!r} field")
+        records.append(record)
     return records
 
 
@@ -533,6 +789,94 @@ def format_report(title, report):
     return "\n".join(lines)
 
 
+def format_toy_table(report):
+    """score_toy's dict as a table: one row per category, then the overall row."""
+    rows = [(name, row) for name, row in report["by_category"].items()] + [("overall", report)]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{'category':<{width}}{'right':>7}{'questions':>11}{'accuracy':>10}"]
+    lines += [f"{name:<{width}}{row['right']:>7}{row['questions']:>11}{row['accuracy']:>10.2f}" for name, row in rows]
+    return "\n".join(lines)
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+def evaluate_toy(args):
+    """The bare `python eval.py`: the toy world's held-out questions, answered afresh, scored, printed as a table."""
+    model_dir = args.model or latest_model(args.runs_dir)
+    world = ensure_toy_world(Path(args.runs_dir) / "toy" / "world")
+    questions = read_jsonl(world["eval"], required=("question_id", "text", "category", "answer"))
+    # afresh, not resumed: training a stage again overwrites its model directory, and this takes seconds
+    answers_file = Path(args.answers_file or Path(model_dir).parent / "toy_eval_answers.jsonl")
+    counts = run_generation(args, model_dir, questions, world["images"], answers_file, resume=False)
+    if counts is None:
+        return
+    print(f"toy evaluation of {model_dir} on {world['eval']}: {counts[1]} failed; answers in {answers_file}")
+    print("exact match after toy_normalize (surrounding space, case and trailing periods ignored)")
+    print(format_toy_table(score_toy(read_jsonl(answers_file), questions)))
+
+
+def generate_answers(args):
+    """`python eval.py generate`: a question jsonl -> an answers jsonl, resumed if it exists."""
+    questions = read_jsonl(args.question_file, required=("question_id", "text"))
+    model_dir = args.model or latest_model(args.runs_dir)
+    counts = run_generation(args, model_dir, questions, args.image_folder, args.answers_file, args.num_chunks,
+                            args.chunk_idx)
+    if counts is not None:
+        answered, failed, skipped = counts
+        print(f"{answered} answered, {failed} failed, {skipped} already answered: {args.answers_file}"
+              + (" (run again to retry the failed ones)" if failed else ""))
+
+
+def add_generation_options(parser, defaults=True):
+    """The options the toy evaluation and `generate` share. Under `generate` (defaults=False) an option not given
+    keeps what was given before the subcommand; with defaults there, argparse would reset it."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--model", default=default(None),
+                        help="the model directory: llava-hf layout (ours) or the original LLaVA layout "
+                             "(default: the one <runs-dir>/LATEST names)")
+    parser.add_argument("--runs-dir", default=default(str(REPO / "runs")),
+                        help="train.py's output folder, holding LATEST and toy/world (default: runs/ in the repo)")
+    parser.add_argument("--vision-tower", default=default(None),
+                        help="the CLIP directory of an original-layout model (default: its config's mm_vision_tower)")
+    parser.add_argument("--conv-mode", default=default(None), choices=list(CONV_TEMPLATES), metavar="TEMPLATE",
+                        help=f"conversation template: {', '.join(CONV_TEMPLATES)} (default: the one in the "
+                             "model's train_config.json, else vicuna_v1, as every LLaVA-1.5 eval script)")
+    parser.add_argument("--batch-size", type=int, default=default(None),
+                        help="questions per generate call (default: 8 on a GPU, 4 on the CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=default(128),
+                        help="default: 128, as model_vqa_loader")
+    parser.add_argument("--temperature", type=float, default=default(0.0), help="default: 0, greedy")
+    parser.add_argument("--top-p", type=float, default=default(1.0), help="nucleus sampling (default: 1, off)")
+    parser.add_argument("--device", default=default("auto"),
+                        help="auto (default: the GPU if there is one), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default=default("auto"), choices=["auto", "fp32", "bf16", "fp16"],
+                        help="default: auto, fp16 on a GPU (as the official runners) and fp32 on the CPU")
+
+
+EXAMPLES = """\
+examples:
+  python eval.py                                  # runs/LATEST on the toy world
+  python eval.py generate --model runs/stage2/model --question-file llava_gqa_testdev_balanced.jsonl \\
+      --image-folder gqa/images --answers-file answers/gqa.jsonl
+  python eval.py score gqa --answers answers/gqa.jsonl --annotations testdev_balanced_questions.json
+
+Errors in the input files (a malformed line, a missing model) exit with status 2.
+"""
+
+GENERATE_EXAMPLES = """\
+Each question line is {"question_id", "image" (optional, relative to --image-folder), "text", ...}; each answer line
+{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}. An existing answers file is resumed: its
+questions are skipped. A question whose image cannot be read is named on stderr and left out (rerun to retry it).
+
+several GPUs, the official way (one process per chunk, then concatenate):
+  for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python eval.py generate --num-chunks 4 --chunk-idx $i \\
+      --question-file Q.jsonl --image-folder IMAGES --answers-file answers/4_$i.jsonl & done; wait
+  cat answers/4_{0,1,2,3}.jsonl > answers/merged.jsonl
+or with torchrun (rank 0 merges, in question order):
+  torchrun --nproc_per_node 4 eval.py generate --question-file Q.jsonl --image-folder IMAGES --answers-file A.jsonl
+"""
+
 SCORE_INPUTS = """\
 what each benchmark reads (the files of the LLaVA-1.5 eval data and of the benchmarks themselves):
   vqav2    --annotations v2_mscoco_val2014_annotations.json
@@ -551,8 +895,27 @@ example:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score LLaVA-1.5 answers on its benchmarks.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        description="Evaluate LLaVA-1.5. Without a command: the newest trained model (<runs-dir>/LATEST) answers the "
+                    "toy world's held-out questions (<runs-dir>/toy/world/eval.jsonl) and a table of exact-match "
+                    "accuracy per question type is printed.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generation_options(parser)
+    parser.add_argument("--answers-file",
+                        help="where the toy answers go (default: toy_eval_answers.jsonl beside the model directory)")
+    commands = parser.add_subparsers(dest="command", title="commands (optional)")
+
+    generate = commands.add_parser(
+        "generate", help="answer an official question jsonl into an answers jsonl (model_vqa_loader)",
+        description="Answer an official LLaVA question jsonl with a model, as llava/eval/model_vqa_loader.py.",
+        epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_argument("--question-file", required=True, help="the question jsonl")
+    generate.add_argument("--image-folder", default="", help="the folder the questions' images are relative to")
+    generate.add_argument("--answers-file", required=True, help="the answers jsonl to write (or to resume)")
+    generate.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks "
+                          "(the official split_list) ...")
+    generate.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (from 0)")
+    add_generation_options(generate, defaults=False)
 
     score = commands.add_parser(
         "score", help="score an answers jsonl against a benchmark's ground truth (offline)",
@@ -566,12 +929,19 @@ def main(argv=None):
     score.add_argument("--split", default="test", help="ScienceQA split in pid_splits.json (default: test)")
 
     args = parser.parse_args(argv)
-    if args.command == "score":
-        try:
+    if args.command == "generate" and not 0 <= args.chunk_idx < args.num_chunks:
+        generate.error("need 0 <= --chunk-idx < --num-chunks")
+    try:
+        if args.command == "score":
             report = score_files(args.bench, args.answers, args.annotations, args.questions, args.split)
-        except (ValueError, OSError) as error:
-            sys.exit(f"error: {error}")
-        print(format_report(f"{args.bench}  ({args.answers})", report))
+            print(format_report(f"{args.bench}  ({args.answers})", report))
+        elif args.command == "generate":
+            generate_answers(args)
+        else:
+            evaluate_toy(args)
+    except (ValueError, OSError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

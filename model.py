@@ -268,11 +268,14 @@ class CheckpointFiles:
     def _handle(self, filename):
         if filename not in self._open:
             path = os.path.join(self.directory, filename)
-            if self.kind == "safetensors":
-                from safetensors import safe_open
-                self._open[filename] = safe_open(path, framework="pt")
-            else:
-                self._open[filename] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                if self.kind == "safetensors":
+                    from safetensors import safe_open
+                    self._open[filename] = safe_open(path, framework="pt")
+                else:
+                    self._open[filename] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # a truncated or corrupt file: say which one
+                raise CheckpointError(f"{path}: cannot read ({e})") from e
         return self._open[filename]
 
     def keys(self):

@@ -378,6 +378,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     # transformers' LLaVA needs a vocabulary id for its image tokens: the toy tokenizer has "<image>"; LLaMA's has
     # none, so the saved model gets one past the vocabulary (padded there, as llava-hf's 32000)
     model.config.image_token_index = tokenizer.token_to_id("<image>") or model.config.text.vocab_size
+    model.config.image_aspect_ratio = cfg.image_aspect_ratio  # saved with the model: inference prepares images alike
     assert cfg.global_batch % (world * cfg.micro_batch) == 0, \
         f"global batch {cfg.global_batch} must split into {world} ranks × micro-batches of {cfg.micro_batch}"
     accum = cfg.global_batch // (world * cfg.micro_batch)

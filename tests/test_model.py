@@ -414,3 +414,11 @@ def test_stage2_projector_from_a_stage1_dir_or_an_official_mm_projector_bin(llav
     torch.save({**official, "model.mm_projector.4.weight": torch.zeros(1)}, tmp_path / "bad.bin")
     with pytest.raises(CheckpointError, match="unexpected tensors: model.mm_projector.4.weight"):
         load_projector(model, str(tmp_path / "bad.bin"))
+
+
+def test_corrupt_weights_file_names_it(llava_hf_dir, tmp_path):
+    import shutil
+    shutil.copy(os.path.join(llava_hf_dir[0], "config.json"), tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
+        load_llava(str(tmp_path))

@@ -1,0 +1,275 @@
+"""Chat with a LLaVA-1.5 model about images in the terminal (official llava/serve/cli.py, spec §10).
+
+    python chat.py photo.jpg                                   # the model train.py wrote last (runs/LATEST)
+    python chat.py photo.jpg --model llava-v1.5-7b --vision-tower clip-vit-large-patch14-336  # original layout
+    python chat.py photo.jpg --model llava-1.5-7b-hf            # llava-hf layout
+    python chat.py a.png b.png -p "What differs?" -p "Which is darker?" --temperature 0   # scripted
+
+Interactive: each answer streams as it is generated. Commands: /image PATH [PATH ...] starts a new conversation
+about other images (as the official CLI, a conversation is about the images it started with); /reset starts over
+with the same images; /quit or Ctrl-D ends (exit 0); Ctrl-C ends at once (exit 130). Scripted (-p, repeatable): one
+turn per -p, only the answers on stdout, one after another.
+
+As official, the first turn is "<image>\\n" + question (one "<image>\\n" per image, in command-line order), an answer
+enters the history as its decoded text, and generation stops at EOS. The template: --conv-mode if given; for our
+checkpoints the one they were trained with (train_config.json), except that a stage-1 model, trained with `plain`
+(image then caption, no questions), gets `vicuna_v1`, the chat format of its Vicuna LLM and of stage 2; otherwise the
+official CLI's choice from the model's name, `llava_v1` for v1.5.
+
+The KV cache lives across turns. Each turn renders the whole conversation with the template, but only the tokens
+after the longest prefix already in the cache are prefilled: normally the end of the last answer and the new
+question. A bad image, model or over-long conversation is reported in one line (exit 2), never a traceback.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import torch
+from safetensors import SafetensorError
+
+try:
+    import readline  # noqa: F401  line editing and history for input(), where the platform has it
+except ImportError:
+    pass
+
+from clip import preprocess_image
+from data import CONV_TEMPLATES, IMAGE_MARKER, DataError, conv_mode_for, load_tokenizer, open_image, render, \
+    tokenize_prompt
+from model import IMAGE_TOKEN_INDEX, CheckpointError, load_llava
+
+LATEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "LATEST")  # written by train.py
+COMMANDS = "commands: /image PATH [PATH ...] (a new conversation about other images), /reset, /quit"
+
+# -----------------------------------------------------------------------------
+# the conversation
+
+
+class ChatError(Exception):
+    """Something the user must fix; printed as one line."""
+
+
+class ContextFull(ChatError):
+    def __init__(self, needed: int, limit: int):
+        super().__init__(f"context full ({needed} of {limit} positions)")
+
+
+class ChatSession:
+    """One conversation about some images, with the model's KV cache kept between turns."""
+
+    def __init__(self, model, tokenizer, template: str, images: list, max_new_tokens=512, temperature=0.2,
+                 top_p=1.0, seed=None):
+        self.model, self.tokenizer, self.conv = model, tokenizer, CONV_TEMPLATES[template]
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.device = model.language_model.embed_tokens.weight.device
+        self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        self.reset(images)
+
+    def reset(self, images=None):
+        """Start a new conversation, about new PIL images if given."""
+        if images is not None:
+            config = self.model.config
+            self.pixels = torch.stack([preprocess_image(image, config.vision.image_size, config.image_aspect_ratio)
+                                       for image in images]).to(self.device)  # (I, 3, S, S)
+        self.messages = []  # [(0 user | 1 assistant, text)]
+        self.cached_ids = []  # the ids whose keys and values are in the KV cache, in order
+
+    def positions(self, ids: list) -> int:
+        """LLM positions of ids: each image placeholder stands for num_image_tokens positions."""
+        return len(ids) + (self.model.config.num_image_tokens - 1) * ids.count(IMAGE_TOKEN_INDEX)
+
+    def ask(self, question: str, stream=None) -> str:
+        """Answer the next question; stream(text) gets each new piece of the answer as it is generated."""
+        question = question.replace(IMAGE_MARKER, "").strip()  # images come only from files, one marker each
+        if not self.messages:
+            question = (IMAGE_MARKER + "\n") * len(self.pixels) + question
+        messages = self.messages + [(0, question), (1, None)]
+        ids = tokenize_prompt(self.tokenizer, render(self.conv, messages))
+        needed, limit = self.positions(ids), self.model.config.text.max_position_embeddings
+        if needed >= limit:
+            raise ContextFull(needed, limit)
+
+        # reuse the longest cached prefix; at least the last token is prefilled, for the logits of the first answer
+        # token. Text after an answer may tokenize differently than it was generated, hence a prefix, not a count.
+        reuse = 0
+        while reuse < min(len(ids) - 1, len(self.cached_ids)) and ids[reuse] == self.cached_ids[reuse]:
+            reuse += 1
+        sampled, shown = [], ""
+
+        def on_token(token):  # token (1,)
+            nonlocal shown
+            sampled.append(int(token[0]))
+            if stream is None:
+                return
+            text = self.tokenizer.decode(sampled)  # the whole answer so far: "▁" and byte pieces decode right
+            if not text.endswith("\ufffd"):  # not while a UTF-8 character is incomplete
+                stream(text[len(shown):])
+                shown = text
+
+        # the cache is made once per conversation, as long as the context (2 GiB for a 7B model in bf16)
+        self.model.generate([ids[reuse:]], self.pixels[ids[:reuse].count(IMAGE_TOKEN_INDEX):],
+                            max_new_tokens=min(self.max_new_tokens, limit - needed), temperature=self.temperature,
+                            top_p=self.top_p, eos_token_id=self.model.config.text.eos_token_id, on_token=on_token,
+                            generator=self.generator, cache_start=self.positions(ids[:reuse]), cache_size=limit,
+                            keep_cache=True)
+        # the last sampled token (EOS, or the last of max_new_tokens) is never fed back, so it is not in the cache
+        self.cached_ids = ids + sampled[:-1]
+        answer = self.tokenizer.decode(sampled)
+        if stream is not None and answer != shown:
+            stream(answer[len(shown):])
+        answer = answer.strip().replace(IMAGE_MARKER, "")
+        self.messages = messages[:-1] + [(1, answer)]
+        return answer
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def choose_template(model_dir: str) -> str:
+    """The template a model chats in, when --conv-mode does not say (see the module docstring)."""
+    train_config = os.path.join(model_dir, "train_config.json")
+    if os.path.isfile(train_config):  # ours
+        with open(train_config) as f:
+            template = json.load(f)["template"]
+        return "vicuna_v1" if template == "plain" else template
+    # official rule on the name; llava-hf spells v1.5 "llava-1.5-7b-hf", where the rule looks for "v1"
+    name = os.path.basename(os.path.abspath(model_dir)).lower().replace("llava-1.5", "llava-v1.5")
+    return conv_mode_for(name)
+
+
+def load_model(model_dir: str, vision_tower, device, dtype):
+    """(model, tokenizer, automatic template); a bad directory raises ChatError with one line saying why."""
+    if not os.path.isdir(model_dir):
+        raise ChatError(f"{model_dir}: no such model directory")
+    try:
+        return load_llava(model_dir, vision_tower, dtype, device), load_tokenizer(model_dir), choose_template(model_dir)
+    except (CheckpointError, OSError, ValueError, KeyError, AssertionError, SafetensorError) as e:
+        # the loaders' checks (unsupported configs are asserts), damaged files and JSON, a missing tokenizer
+        message = str(e) or type(e).__name__
+        raise ChatError(message if model_dir in message else f"{model_dir}: {message}") from None
+
+
+def latest_model() -> str:
+    if not os.path.isfile(LATEST):
+        raise ChatError(f"no trained model ({LATEST} is missing): train one with `python train.py --stage 1`, "
+                        "or pass --model DIR")
+    with open(LATEST) as f:
+        return f.read().strip()
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def interactive(session: ChatSession):
+    """Read questions and commands until /quit or the end of input; stream each answer."""
+    print(COMMANDS, file=sys.stderr)
+    while True:
+        try:
+            line = input("USER: ").strip()
+        except EOFError:  # Ctrl-D
+            print()
+            return
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            return
+        if command == "/reset":
+            session.reset()
+            print("(new conversation)")
+            continue
+        if command == "/image":
+            try:
+                images = [open_image(path) for path in shlex.split(rest)]  # quotes allow spaces in paths
+            except (DataError, ValueError) as e:  # ValueError: unbalanced quotes
+                print(e)
+                continue
+            if images:
+                session.reset(images)
+            print(f"(new conversation about {len(images)} image(s))" if images else "usage: /image PATH [PATH ...]")
+            continue
+        if command.startswith("/"):
+            print(f"unknown command {command}; {COMMANDS}")
+            continue
+        labelled = False
+
+        def stream(piece):  # the label goes out with the first token, so that "context full" stands alone
+            nonlocal labelled
+            print(piece if labelled else "ASSISTANT: " + piece, end="", flush=True)
+            labelled = True
+
+        try:
+            session.ask(line, stream)
+            print()
+        except ContextFull as e:
+            print(f"{e}: /reset to start over")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s), in the order the first turn shows them")
+    p.add_argument("--model", metavar="DIR",
+                   help="ours, llava-hf or original LLaVA layout (default: the one in runs/LATEST)")
+    p.add_argument("--vision-tower", metavar="DIR", help="CLIP for an original-layout model (default: its config's)")
+    p.add_argument("-p", "--prompt", action="append", metavar="QUESTION",
+                   help="ask this and print only the answer; repeat for more turns (no interactive chat)")
+    p.add_argument("--conv-mode", choices=sorted(CONV_TEMPLATES), help="template (default: see above)")
+    p.add_argument("--temperature", type=float, default=0.2, metavar="T", help="0 = greedy (default 0.2, as official)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per answer (default 512)")
+    p.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on cuda, float32 on cpu")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    try:
+        args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                                   else args.device)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device: no CUDA device here")
+    args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
+        torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        images = [open_image(path) for path in args.images]  # before the model, which may take minutes
+        model_dir = args.model or latest_model()
+        model, tokenizer, template = load_model(model_dir, args.vision_tower, args.device, args.dtype)
+    except (DataError, ChatError) as e:  # DataError names a missing, corrupt or oversized image
+        print(f"chat.py: {e}", file=sys.stderr)
+        return 2
+    if args.conv_mode and args.conv_mode != template:  # as official: say so
+        print(f"chat.py: the automatic template is {template}; using {args.conv_mode} (--conv-mode)", file=sys.stderr)
+    session = ChatSession(model, tokenizer, args.conv_mode or template, images, args.max_new_tokens,
+                          args.temperature, args.top_p, args.seed)
+    if not args.prompt:
+        print(f"{model_dir} ({args.conv_mode or template} template, {args.device}, "
+              f"{str(args.dtype).removeprefix('torch.')})", file=sys.stderr)
+        interactive(session)
+        return 0
+    for question in args.prompt:
+        try:
+            print(session.ask(question), flush=True)
+        except ContextFull as e:
+            print(f"chat.py: {e}; ask less or use fewer images", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: end quietly, with the shell's usual status for it
+        print(file=sys.stderr)
+        sys.exit(130)

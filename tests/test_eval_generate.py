@@ -1,0 +1,269 @@
+"""Answer generation and the toy evaluation of eval.py, on a tiny random LLaVA saved in a runs/ layout.
+
+The reference answers are made here one question at a time with Llava.generate, from prompts built by hand with
+data.render and data.tokenize_prompt: eval.py's batched, resumed and sharded runs must reproduce them exactly.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval
+from clip import CLIPVisionConfig, preprocess_image
+from data import CONV_TEMPLATES, load_tokenizer, make_toy_world, open_image, render, tokenize_prompt
+from llama import LlamaConfig
+from model import Llava, LlavaConfig, load_llava, save_llava
+
+REPO = Path(__file__).parent.parent
+MAX_NEW = 6  # tokens per answer: enough to tell answers apart, short enough to keep the tests fast
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs/ as train.py leaves it: toy/world (4 held-out images, 12 questions), a tiny random model trained (as far
+    as train_config.json says) with the "plain" template, and LATEST naming it."""
+    root = tmp_path_factory.mktemp("runs")
+    world = make_toy_world(root / "toy" / "world", n_train_images=6, n_stage1=4, n_stage2=6, n_eval_images=4)
+    tokenizer = load_tokenizer(world["tokenizer"])
+    torch.manual_seed(0)
+    model = Llava(LlavaConfig(vision=CLIPVisionConfig.from_name("tiny"),
+                              text=replace(LlamaConfig.from_name("tiny"), vocab_size=tokenizer.get_vocab_size()),
+                              image_token_index=tokenizer.token_to_id("<image>")))
+    with torch.no_grad():  # weights larger than the default init make the answers depend on question and image
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model_dir = root / "toy" / "stage2" / "model"
+    save_llava(model, str(model_dir))
+    shutil.copy(world["tokenizer"], model_dir)
+    (model_dir / "train_config.json").write_text(json.dumps({"template": "plain"}))
+    (root / "LATEST").write_text(f"{model_dir}\n")
+    questions = eval.read_jsonl(world["eval"])
+    # a text-only question, as in a benchmark without images: asked without the image marker
+    questions.append({"question_id": "text-only", "text": "Is red a colour or a shape?\nAnswer the question using a "
+                                                          "single word or phrase."})
+    question_file = root / "questions.jsonl"
+    question_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return dict(root=root, world=world, model_dir=model_dir, tokenizer=tokenizer, questions=questions,
+                question_file=question_file, model=load_llava(str(model_dir)))
+
+
+def reference_answers(runs, questions, template):
+    """Each question answered alone (batch 1, as the official model_vqa_loader), greedy."""
+    model, tokenizer = runs["model"], runs["tokenizer"]
+    answers = []
+    for q in questions:
+        text = "<image>\n" + q["text"] if "image" in q else q["text"]
+        ids = tokenize_prompt(tokenizer, render(CONV_TEMPLATES[template], [(0, text), (1, None)]))
+        image = None
+        if "image" in q:
+            image = preprocess_image(open_image(runs["world"]["images"] / q["image"]), 32, "pad")[None]
+        new = model.generate([ids], image, max_new_tokens=MAX_NEW)[0]
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    answers = reference_answers(runs, runs["questions"], "vicuna_v1")
+    # every answer differs, also where two images get the same question: answers matching them means something
+    assert len(set(answers)) == len(answers)
+    return answers
+
+
+def generate(runs, answers_file, *options):
+    eval.main(["generate", "--runs-dir", str(runs["root"]), "--question-file", str(runs["question_file"]),
+               "--image-folder", str(runs["world"]["images"]), "--answers-file", str(answers_file),
+               "--conv-mode", "vicuna_v1", "--max-new-tokens", str(MAX_NEW), *options])
+
+
+def lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# -----------------------------------------------------------------------------
+# generate
+
+def test_split_list_is_the_official_split():
+    assert eval.split_list(list(range(10)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]  # ceil(10/4) = 3 each
+    assert eval.split_list(list(range(9)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # only 3 chunks
+    assert eval.get_chunk(list(range(9)), 4, 3) == []  # the official get_chunk raises IndexError here
+    assert eval.get_chunk(list(range(10)), 3, 1) == [4, 5, 6, 7]
+    assert eval.split_list([], 2) == []
+
+
+def test_generate_writes_official_answers_and_batches_change_nothing(runs, reference, tmp_path, capsys):
+    answers_file = tmp_path / "answers.jsonl"
+    generate(runs, answers_file, "--batch-size", "5")  # 13 questions: batches of 5, 5, 3; one text-only
+    assert f"13 answered, 0 failed, 0 already answered" in capsys.readouterr().out
+    answers = lines(answers_file)
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in runs["questions"]]
+    for answer, question in zip(answers, runs["questions"]):
+        assert set(answer) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert answer["prompt"] == question["text"]  # the question text, without "<image>"
+        assert answer["model_id"] == "model" and answer["metadata"] == {}
+        assert len(answer["answer_id"]) == 32
+    assert len({a["answer_id"] for a in answers}) == len(answers)
+    assert [a["text"] for a in answers] == reference  # batched, left-padded greedy == one question at a time
+
+
+def test_resume_keeps_what_is_there_and_drops_a_cut_off_line(runs, reference, tmp_path, capsys):
+    answers_file = tmp_path / "answers.jsonl"
+    kept = [dict(question_id=q["question_id"], prompt=q["text"], text="PRE-EXISTING", answer_id=str(i),
+                 model_id="earlier", metadata={}) for i, q in enumerate(runs["questions"][:5])]
+    written = "".join(json.dumps(a) + "\n" for a in kept)
+    cut = json.dumps(dict(question_id=runs["questions"][5]["question_id"], prompt=runs["questions"][5]["text"],
+                          text="CUT"))[:30]  # a crash in the middle of the sixth line
+    answers_file.write_text(written + cut)
+    generate(runs, answers_file, "--batch-size", "4")
+    assert "8 answered, 0 failed, 5 already answered" in capsys.readouterr().out
+    assert answers_file.read_text().startswith(written)  # untouched, byte for byte
+    answers = lines(answers_file)
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in runs["questions"]]  # each once
+    assert [a["text"] for a in answers[5:]] == reference[5:]
+    generate(runs, answers_file)  # nothing left to do
+    assert "0 answered, 0 failed, 13 already answered" in capsys.readouterr().out
+    assert len(lines(answers_file)) == 13
+
+
+def test_num_chunks_split_as_the_official_scripts(runs, reference, tmp_path):
+    ids = [q["question_id"] for q in runs["questions"]]
+    for k in range(2):
+        generate(runs, tmp_path / f"2_{k}.jsonl", "--num-chunks", "2", "--chunk-idx", str(k))
+    chunks = [[a["question_id"] for a in lines(tmp_path / f"2_{k}.jsonl")] for k in range(2)]
+    assert chunks == [ids[:7], ids[7:]]  # ceil(13 / 2) = 7: disjoint, and together every question
+    texts = [a["text"] for k in range(2) for a in lines(tmp_path / f"2_{k}.jsonl")]
+    assert texts == reference
+
+
+def test_torchrun_ranks_answer_their_chunks_and_rank0_merges(runs, reference, tmp_path):
+    answers_file = tmp_path / "answers.jsonl"
+    # an earlier launch already answered the first question: it is kept, not asked again
+    first = runs["questions"][0]
+    answers_file.write_text(json.dumps(dict(question_id=first["question_id"], prompt=first["text"], text="EARLIER",
+                                            answer_id="x", model_id="model", metadata={})) + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "eval.py", "generate", "--runs-dir", str(runs["root"]),
+               "--question-file", str(runs["question_file"]), "--image-folder", str(runs["world"]["images"]),
+               "--answers-file", str(answers_file), "--conv-mode", "vicuna_v1", "--max-new-tokens", str(MAX_NEW)]
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ranks = [subprocess.Popen(command, cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert "12 answered, 0 failed, 1 already answered" in outputs[0][0]
+    answers = lines(answers_file)
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in runs["questions"]]
+    assert [a["text"] for a in answers] == ["EARLIER"] + reference[1:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]  # the rank files are merged and gone
+
+
+def test_unreadable_image_is_reported_and_the_run_goes_on(runs, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    questions = runs["questions"][:3] + [
+        {"question_id": "gone", "image": "missing.png", "text": "What shape?"},
+        {"question_id": "broken", "image": str(corrupt), "text": "What colour?"}]  # an absolute path works too
+    question_file = tmp_path / "questions.jsonl"
+    question_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    answers_file = tmp_path / "answers.jsonl"
+    argv = ["generate", "--runs-dir", str(runs["root"]), "--question-file", str(question_file), "--image-folder",
+            str(runs["world"]["images"]), "--answers-file", str(answers_file), "--max-new-tokens", "2"]
+    eval.main(argv)  # returns: exit status 0
+    out, err = capsys.readouterr()
+    assert "3 answered, 2 failed, 0 already answered" in out
+    failures = [line for line in err.splitlines() if line.startswith("question ")]
+    assert len(failures) == 2
+    assert "question gone: failed:" in failures[0] and "missing.png: image file not found" in failures[0]
+    assert "question broken: failed:" in failures[1] and "corrupt.png: cannot read the image" in failures[1]
+    assert [a["question_id"] for a in lines(answers_file)] == [q["question_id"] for q in questions[:3]]
+    eval.main(argv)  # nothing was written for them, so a rerun tries them again
+    assert "0 answered, 2 failed, 3 already answered" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"question_id": 7, "image": "eval_00000.png", "te', ":3: not valid JSON"),
+    ('{"question_id": 7, "image": "eval_00000.png"}', ":3: no 'text' field"),
+])
+def test_malformed_question_line_exits_2_naming_it(runs, tmp_path, capsys, bad_line, message):
+    question_file = tmp_path / "questions.jsonl"
+    good = [json.dumps(q) for q in runs["questions"][:2]]
+    question_file.write_text("\n".join(good + [bad_line]) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        eval.main(["generate", "--runs-dir", str(runs["root"]), "--question-file", str(question_file),
+                   "--answers-file", str(tmp_path / "answers.jsonl")])
+    assert exit_.value.code == 2
+    assert f"error: {question_file}{message}" in capsys.readouterr().err
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# the toy evaluation: python eval.py
+
+def test_score_toy_exact_match_after_light_normalization():
+    questions = [dict(question_id=0, category="colour", answer="yellow"),
+                 dict(question_id=1, category="colour", answer="red"),
+                 dict(question_id=2, category="count", answer="2"),
+                 dict(question_id=3, category="count", answer="3")]
+    answers = [dict(question_id=0, text=" Yellow. "),  # case, space and the trailing period don't count
+               dict(question_id=1, text="red circle"),  # anything more does
+               dict(question_id=2, text="2.")]  # question 3 has no answer (its image failed): wrong
+    report = eval.score_toy(answers, questions)
+    assert report["by_category"] == {"colour": {"accuracy": 50.0, "right": 1, "questions": 2},
+                                     "count": {"accuracy": 50.0, "right": 1, "questions": 2}}
+    assert (report["right"], report["questions"], report["accuracy"]) == (2, 4, 50.0)
+
+
+def test_bare_eval_runs_the_toy_evaluation_of_latest(runs, tmp_path):
+    """`python eval.py --runs-dir R`: LATEST's model on R/toy/world/eval.jsonl, with the model's own template."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs["world"]["root"], root / "toy" / "world")
+    (root / "LATEST").write_text(str(runs["model_dir"]))
+    eval_file = root / "toy" / "world" / "eval.jsonl"
+    questions = eval.read_jsonl(eval_file)
+    # make the ground truth of every other question what the model says (as "Capitalised."), so that the table
+    # holds numbers other than zero; the rest keep the world's answers
+    said = reference_answers(runs, questions, "plain")  # train_config.json says the model was trained with plain
+    for q, text in zip(questions[::2], said[::2]):
+        q["answer"] = text.capitalize() + "."
+    eval_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
+
+    result = subprocess.run([sys.executable, "eval.py", "--runs-dir", str(root), "--max-new-tokens", str(MAX_NEW)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    answers_file = runs["model_dir"].parent / "toy_eval_answers.jsonl"
+    answers = {a["question_id"]: a["text"] for a in lines(answers_file)}
+    assert [answers[q["question_id"]] for q in questions] == said
+
+    # the table, recomputed from the answers file
+    expected = {}
+    for q in questions:
+        right = answers[q["question_id"]].strip().lower().rstrip(".") == q["answer"].strip().lower().rstrip(".")
+        for row in (q["category"], "overall"):
+            expected.setdefault(row, [0, 0])
+            expected[row][0] += right
+            expected[row][1] += 1
+    assert expected["overall"][0] >= 6
+    table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
+             if line.split() and line.split()[0] in expected}
+    assert list(table) == ["colour", "shape", "count", "position", "yes_no", "overall"]
+    for row, (right, total) in expected.items():
+        assert table[row] == [str(right), str(total), f"{100 * right / total:.2f}"]
+
+
+def test_bare_eval_without_a_trained_model_says_how_to_train_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        eval.main(["--runs-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"no trained model: {tmp_path / 'LATEST'} does not exist" in err and "python train.py --stage 1" in err
