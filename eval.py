@@ -249,6 +249,8 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
             merge_answers(questions, answers_file, ([answers_file] if resume else []) + parts)
             for part in parts:
                 part.unlink()
+        # leave together: a gloo rank that tears down while a peer is still busy can abort ("terminate called...")
+        dist.barrier()
         dist.destroy_process_group()
     return tuple(counts.tolist()) if rank == 0 else None
 
