@@ -26,6 +26,8 @@ import dataclasses
 import json
 import math
 import os
+import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,9 +38,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clip import CLIPVisionConfig, CLIPVisionTower
-from data import (CONV_TEMPLATES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate, ensure_toy_world,
-                  load_tokenizer)
+from clip import CLIPVisionConfig, CLIPVisionTower, preprocess_image
+from data import (BOS_ID, CONV_TEMPLATES, SHAPES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate,
+                  ensure_toy_world, load_tokenizer, open_image)
 from llama import Llama, LlamaConfig
 from model import IGNORE_INDEX, load_base, load_projector, save_clip, save_llama, save_llava
 
@@ -85,8 +87,8 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in out_dir
     max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = the full schedule
     # stage 0 (toy only)
-    lm_steps: int = 400
-    clip_steps: int = 500
+    lm_steps: int = 250
+    clip_steps: int = 1000
 
 
 STAGE_DEFAULTS = {  # scripts/v1_5/pretrain.sh and finetune.sh (8 GPUs × per-device batch)
@@ -95,11 +97,11 @@ STAGE_DEFAULTS = {  # scripts/v1_5/pretrain.sh and finetune.sh (8 GPUs × per-de
             group_by_modality=True),
 }
 TOY_DEFAULTS = {  # minutes on a 2-core CPU: tiny models want larger learning rates and batches that fit the world
-    1: dict(lr=2e-3, global_batch=32, micro_batch=32, max_len=512, epochs=1.0, num_workers=0,
-            gradient_checkpointing=False, save_every=50,
+    1: dict(lr=2e-3, global_batch=32, micro_batch=32, max_len=512, epochs=3.0, num_workers=0,
+            gradient_checkpointing=False, save_every=100,
             image_aspect_ratio="pad"),  # the toy's non-square images would lose shapes to a centre crop
-    2: dict(lr=1e-3, global_batch=32, micro_batch=32, max_len=512, epochs=1.0, num_workers=0,
-            gradient_checkpointing=False, save_every=50),
+    2: dict(lr=2e-3, global_batch=32, micro_batch=32, max_len=512, epochs=2.0, num_workers=0,
+            gradient_checkpointing=False, save_every=100),
 }
 
 
@@ -210,14 +212,24 @@ class ContrastiveCLIP(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
     def forward(self, images, text_ids, text_mask):
+        """images (B, 3, H, W); text_ids, text_mask (B + N, T): row i < B is image i's caption, rows after B are
+        extra negatives (hard ones) that only the image-to-text direction sees."""
+        B = len(images)
         cls = self.vision.post_layernorm(self.vision(images, select_layer=-1)[:, 0])  # (B, C) class token
-        text = self.text(self.text.embed_tokens(text_ids))  # (B, T, C)
-        last = text[torch.arange(len(text_ids)), text_mask.sum(1) - 1]  # (B, C) at each text's last token
+        text = self.text(self.text.embed_tokens(text_ids))  # (B + N, T, C)
+        last = text[torch.arange(len(text_ids)), text_mask.sum(1) - 1]  # (B + N, C) at each text's last token
         image_emb = F.normalize(self.visual_projection(cls), dim=-1)
         text_emb = F.normalize(self.text_projection(last), dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T  # (B, B)
-        targets = torch.arange(len(logits))
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        logits = self.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T  # (B, B + N)
+        targets = torch.arange(B)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :B].T, targets)) / 2
+
+
+def swap_shapes(caption: str, rng: random.Random) -> str:
+    """The caption with every shape word replaced by another shape: a hard negative (as NegCLIP, Yuksekgonul et al.
+    2023). In a batch of random scenes, colours and positions alone tell the captions apart; without these negatives
+    the tower never needs to see shapes, and the LLM cannot learn what it is not shown."""
+    return re.sub("|".join(SHAPES), lambda m: rng.choice([s for s in SHAPES if s != m.group()]), caption)
 
 
 def run_stage0(cfg: TrainConfig, rank: int):
@@ -258,25 +270,30 @@ def run_stage0(cfg: TrainConfig, rank: int):
         if name.startswith("tokenizer"):
             shutil.copy(os.path.join(paths["world"], name), paths["llm"])
 
-    # the vision tower: contrastive image-caption training
+    # the vision tower: contrastive image-caption training on stage 1's pairs, all images preprocessed once
     vision = CLIPVisionConfig.from_name("toy")
-    dataset = LazySupervisedDataset(os.path.join(paths["world"], "stage1.json"), os.path.join(paths["world"], "images"),
-                                    tokenizer, "plain", image_size=vision.image_size, image_aspect_ratio="pad",
-                                    max_len=512, image_tokens=vision.num_patches)
+    with open(os.path.join(paths["world"], "stage1.json")) as f:
+        pairs = [(s["image"], s["conversations"][1]["value"]) for s in json.load(f)]
+    images = torch.stack([preprocess_image(open_image(os.path.join(paths["world"], "images", name)), vision.image_size)
+                          for name, _ in pairs])  # (N, 3, H, W)
     clip = ContrastiveCLIP(vision, tokenizer.get_vocab_size())
     optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True,
-                                         collate_fn=partial(collate, pad_id=0),
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    batch_size, rng = 32, random.Random(cfg.seed)
     step, bar = 0, tqdm(total=cfg.clip_steps, desc="stage 0 CLIP", disable=rank != 0)
     while step < cfg.clip_steps:
-        for batch in loader:
-            # the caption tokens follow BOS and the image placeholder of the `plain` template
-            text_ids = torch.cat([batch["input_ids"][:, :1], batch["input_ids"][:, 2:]], dim=1)
-            text_mask = torch.cat([batch["attention_mask"][:, :1], batch["attention_mask"][:, 2:]], dim=1)
+        order = torch.randperm(len(pairs), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            index = order[start:start + batch_size].tolist()
+            captions = [pairs[i][1] for i in index]
+            texts = [[BOS_ID] + tokenizer.encode(c, add_special_tokens=False).ids
+                     for c in captions + [swap_shapes(c, rng) for c in captions]]
+            text_ids = torch.zeros(len(texts), max(map(len, texts)), dtype=torch.long)  # right-padded
+            text_mask = torch.zeros_like(text_ids, dtype=torch.bool)
+            for i, ids in enumerate(texts):
+                text_ids[i, :len(ids)], text_mask[i, :len(ids)] = torch.tensor(ids), True
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, cfg.clip_steps, 1e-3, 0.05)
-            loss = clip(batch["images"], text_ids, text_mask)
+            loss = clip(images[index], text_ids, text_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -286,7 +303,8 @@ def run_stage0(cfg: TrainConfig, rank: int):
             if step == cfg.clip_steps:
                 break
     bar.close()
-    log(rank, f"stage 0 CLIP: final contrastive loss {loss.item():.3f} (chance: {math.log(64):.2f})")
+    log(rank, f"stage 0 CLIP: final contrastive loss {loss.item():.3f} (chance: {math.log(batch_size):.2f} for "
+              f"texts, {math.log(2 * batch_size):.2f} for images)")
     save_clip(clip.vision, paths["vision_tower"])
 
 
@@ -302,7 +320,9 @@ def global_batches(dataset, cfg: TrainConfig, epoch: int) -> list:
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         batches = [order[i:i + cfg.global_batch] for i in range(0, len(order), cfg.global_batch)]
-    return [batch for batch in batches if len(batch) == cfg.global_batch]
+    # full global batches only: the sampler's last, mixed batch can hold more or fewer than one
+    return [batch[i:i + cfg.global_batch] for batch in batches
+            for i in range(0, len(batch) - cfg.global_batch + 1, cfg.global_batch)]
 
 
 def checkpoint_dirs(out_dir: str) -> list:
@@ -386,7 +406,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                                     image_size=model.config.vision.image_size,
                                     image_aspect_ratio=cfg.image_aspect_ratio, max_len=cfg.max_len,
                                     image_tokens=model.config.num_image_tokens, skip_bad=cfg.skip_bad)
-    steps_per_epoch = len(dataset) // cfg.global_batch
+    steps_per_epoch = len(global_batches(dataset, cfg, epoch=0))  # the same for every epoch
     total_steps = int(cfg.epochs * steps_per_epoch)
     if total_steps == 0:
         raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch}")
