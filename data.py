@@ -553,7 +553,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 230), 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78)}  # centre x, y
-SIZES = {"small": 0.10, "large": 0.18}  # radius, as a fraction of the shorter side
+SIZES = {"small": 0.16, "large": 0.21}  # radius, as a fraction of the shorter side (large diagonal squares may touch)
 CANVASES = ((64, 64), (64, 64), (64, 64), (64, 48), (48, 64))  # some non-square, to exercise the padding
 EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no")
 CAPTION_INSTRUCTIONS = ("Describe the image concisely.", "Give a brief description of the image.",
@@ -600,8 +600,9 @@ def _a(colour: str) -> str:  # "a red", "an orange"
     return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour}"
 
 
-def _caption(scene: dict) -> str:  # "a red circle and a blue square on a white background"
-    names = [f"{_a(o['colour'])} {o['shape']}" for o in scene["objects"]]
+def _caption(scene: dict) -> str:  # "a red circle on the left and a blue square at the top on a white background"
+    names = [f"{_a(o['colour'])} {o['shape']} {'at' if o['position'] in ('top', 'bottom') else 'on'} the {o['position']}"
+             for o in scene["objects"]]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"{listed} on a {scene['background']} background"
 
@@ -690,9 +691,12 @@ def _stage2_sample(scenes: list, files: list, rng: random.Random) -> dict:
         question = f"{IMAGE_MARKER}\n{IMAGE_MARKER}\n{question}"
         return dict(image=[files[k], files[j]],
                     conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)]))
-    categories = rng.sample(EVAL_CATEGORIES + ("size",), rng.randint(1, 3))
-    pairs = [(q + SHORT_ANSWER, w) if short else (q, s)
-             for q, w, s in (_question(scenes[k], c, rng) for c in categories)]
+    # several questions about the image, as mix665k's VQA samples: the image's tokens are paid for once
+    asked = {}
+    for category in rng.choices(EVAL_CATEGORIES + ("size",), k=rng.randint(2, 5)):
+        q, w, s = _question(scenes[k], category, rng)
+        asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
+    pairs = list(asked.values())
     pairs[0] = (_with_image(pairs[0][0], rng), pairs[0][1])
     return dict(image=files[k], conversations=_turns(pairs))
 
@@ -719,7 +723,7 @@ def _toy_paths(root: Path) -> dict:
                 eval=root / "eval.jsonl", tokenizer=root / "tokenizer.json")
 
 
-def make_toy_world(root, seed: int = 0, n_train_images: int = 2000, n_stage1: int = 2000, n_stage2: int = 3000,
+def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: int = 4000, n_stage2: int = 6000,
                    n_eval_images: int = 100, vocab_size: int = 600) -> dict:
     """Write the toy world under root and return its paths. Same seed, same bytes.
 
