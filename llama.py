@@ -205,6 +205,15 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, input_pos)
         return self.norm(x)
 
+    def decode_step(self, token, position_ids, input_pos, key_valid):
+        """One new token per sequence, (B,) at cache slot input_pos (1,) -> next-token logits (B, V).
+
+        Every shape stays the same from step to step (the cache is preallocated, attention spans all its slots), so
+        torch.compile(mode="reduce-overhead") can record the whole step once as a CUDA graph and replay it: at batch
+        1 a decode step is dozens of small kernels whose launch overhead would otherwise dominate."""
+        hidden = self(self.embed_tokens(token)[:, None], position_ids, attention_mask(key_valid, input_pos), input_pos)
+        return self.lm_head(hidden[:, -1])
+
     def setup_cache(self, batch_size: int, max_seq_len: int):
         """Allocate a KV cache of `max_seq_len` slots per sequence on the model's device and dtype."""
         p = self.embed_tokens.weight

@@ -167,14 +167,16 @@ class Llava(nn.Module):
     def generate(self, prompts: list, images: Optional[torch.Tensor] = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
                  on_token: Optional[Callable] = None, generator: Optional[torch.Generator] = None,
-                 cache_start: int = 0, cache_size: Optional[int] = None, keep_cache: bool = False) -> list:
+                 cache_start: int = 0, cache_size: Optional[int] = None, keep_cache: bool = False,
+                 compile: bool = False) -> list:
         """Continue each prompt (a list of ids with IMAGE_TOKEN_INDEX placeholders); returns the new ids per prompt,
         without the EOS. Prompts are left-padded; the prefill runs once, then one token per step from the KV cache.
 
         on_token(tokens (B,)) is called with each step's tokens (finished rows repeat the pad id) for streaming.
         cache_start > 0 continues a single sequence whose first `cache_start` positions are already in the cache
         (a chat's earlier turns); cache_size sets the cache's length when a new one is made; keep_cache keeps it
-        allocated afterwards for such a continuation.
+        allocated afterwards for such a continuation. compile runs the decode step through torch.compile (CUDA
+        graphs on a GPU; see Llama.decode_step); the first call pays for the compilation.
         """
         lm = self.language_model
         eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -203,6 +205,11 @@ class Llava(nn.Module):
         hidden = lm(embeds, position_ids, attention_mask(key_valid, input_pos), input_pos)
         logits = lm.lm_head(hidden[:, -1])  # (B, V)
         next_position = position_ids[:, -1:] + 1  # (B, 1)
+        input_pos = input_pos[-1:]  # the last slot written
+        decode_step = lm.decode_step
+        if compile:
+            decode_step = torch.compile(lm.decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
+                                        fullgraph=True)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         new_tokens = []
         for step in range(max_new_tokens):
@@ -212,12 +219,12 @@ class Llava(nn.Module):
             if on_token is not None:
                 on_token(token)
             finished |= token == eos
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            # reading `finished` waits for the GPU: when nobody streams, look only every 16 tokens
+            if step == max_new_tokens - 1 or ((on_token is not None or step % 16 == 15) and bool(finished.all())):
                 break
-            # decode: one new token per sequence at the next cache slot
-            input_pos = torch.tensor([cache_start + L + step], device=device)
-            hidden = lm(lm.embed_tokens(token)[:, None], next_position, attention_mask(key_valid, input_pos), input_pos)
-            logits = lm.lm_head(hidden[:, -1])
+            # decode: one new token per sequence at the next cache slot; all tensors stay on the device
+            input_pos = input_pos + 1
+            logits = decode_step(token, next_position, input_pos, key_valid)
             next_position = next_position + 1
         if not keep_cache:
             lm.clear_cache()

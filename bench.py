@@ -1,0 +1,246 @@
+"""Speed of our LLaVA-1.5 against transformers' LlavaForConditionalGeneration, same weights, same inputs, one run.
+
+    python bench.py                         # LLaVA-1.5-7B shapes in bf16 on a GPU; the tiny preset on a CPU
+    python bench.py --preset tiny --device cpu
+
+Measures, for both sides: time to first token (one image + 48 text tokens = 624 positions at 7B), batch-1 and batch-8
+greedy decode tokens/s over --new-tokens, a stage-1 training step (projector trainable, gradient checkpointing,
+micro-batch 16 × 700 positions) and a stage-2 forward+backward (LLM + projector trainable, micro-batch 8), with
+tokens/s and peak memory. Prints one JSON object: both sides and ours/theirs ratios (ours alone where transformers
+is not installed). Weights are random (nothing is downloaded); greedy tokens are checked to be equal on both sides,
+and between our eager and compiled decode.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from model import IMAGE_TOKEN_INDEX, Llava, LlavaConfig, hf_state_dict
+
+
+def timed(fn, device, repeats):
+    """Median seconds of fn() over repeats runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    """(seconds, peak GiB) of one run of fn after a warm-up."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(fn, device, 1)
+    return seconds, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def build(preset, device, dtype):
+    """Our model with random weights and transformers' copy of exactly the same tensors (None without transformers)."""
+    config = LlavaConfig.from_name(preset)
+    if preset == "tiny":
+        config.image_token_index = config.text.vocab_size - 1  # keep the tiny vocabulary unpadded
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = Llava(config).to(dtype)
+    with torch.no_grad():  # PyTorch's default init leaves RMSNorm at 1 and gives a flat model; shake it a little
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    try:
+        import transformers
+    except ImportError:
+        return ours.eval(), None
+    state = hf_state_dict(ours)  # llava-hf file names
+    hf_config = transformers.LlavaConfig(**config.to_hf())
+    hf_config.text_config.vocab_size = state["language_model.lm_head.weight"].shape[0]
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build transformers' model directly in the benchmark dtype
+    with torch.device(device):
+        theirs = transformers.LlavaForConditionalGeneration(hf_config)
+    torch.set_default_dtype(default_dtype)
+
+    def file_name(name):  # transformers 5's in-memory names -> the file names hf_state_dict wrote
+        for memory, file in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                             ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+                             ("model.vision_tower.", "vision_tower.vision_model."),
+                             ("model.multi_modal_projector.", "multi_modal_projector.")):
+            if name.startswith(memory):
+                return file + name[len(memory):]
+        raise KeyError(name)
+
+    theirs.load_state_dict({k: state[file_name(k)] for k in theirs.state_dict()}, strict=True)
+    theirs.eval()
+    return ours.eval(), theirs
+
+
+def prompts(config, batch, n_text, seed):
+    """`batch` prompts of BOS + n_text-1 text tokens with one image in the middle; ours and transformers' ids."""
+    g = torch.Generator().manual_seed(seed)
+    ours, theirs = [], []
+    for _ in range(batch):
+        text = torch.randint(3, min(config.text.vocab_size, 32000) - 1, (n_text - 1,), generator=g).tolist()
+        ids = [1] + text[:n_text // 2] + [IMAGE_TOKEN_INDEX] + text[n_text // 2:]
+        ours.append(ids)
+        theirs.append(sum(([config.image_token_index] * config.num_image_tokens if t == IMAGE_TOKEN_INDEX else [t]
+                           for t in ids), []))
+    return ours, torch.tensor(theirs)
+
+
+def bench_inference(ours, theirs, args, device, dtype):
+    config = ours.config
+    S = config.vision.image_size
+    results = {"ours": {}, "transformers": {}}
+    for batch in (1, args.batch):
+        ids, hf_ids = prompts(config, batch, args.prompt_tokens, seed=batch)
+        images = torch.randn(batch, 3, S, S, device=device, dtype=dtype)
+        hf_ids, mask = hf_ids.to(device), torch.ones_like(hf_ids, device=device)
+
+        def ours_run(n, compile=False):
+            return ours.generate(ids, images, max_new_tokens=n, eos_token_id=-1, compile=compile)
+
+        def theirs_run(n, cache=None):
+            with torch.no_grad():
+                return theirs.generate(input_ids=hf_ids, attention_mask=mask, pixel_values=images, max_new_tokens=n,
+                                       do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation=cache)
+
+        n = args.new_tokens
+        eager = ours_run(n)
+        results["ours"][f"compiled_equal_to_eager_b{batch}"] = ours_run(n, compile=args.compile) == eager
+        if batch == 1:
+            results["ours"]["ttft_ms"] = 1e3 * timed(lambda: ours_run(1), device, args.repeats)
+        # decode speed: generated tokens after the first, over the time after the first
+        ttft_ours = timed(lambda: ours_run(1, args.compile), device, args.repeats)
+        total = timed(lambda: ours_run(n, args.compile), device, args.repeats)
+        results["ours"][f"decode_b{batch}_tok_s"] = batch * (n - 1) / (total - ttft_ours)
+        if theirs is None:
+            continue
+        results["ours"][f"greedy_equal_to_transformers_b{batch}"] = eager == theirs_run(n)[:, -n:].tolist()
+        if batch == 1:
+            results["transformers"]["ttft_ms"] = 1e3 * timed(lambda: theirs_run(1), device, args.repeats)
+        ttft_theirs = timed(lambda: theirs_run(1), device, args.repeats)
+        for name, cache in (("dynamic", None), ("static", "static")):
+            try:
+                total = timed(lambda: theirs_run(n, cache), device, args.repeats)
+                results["transformers"][f"decode_b{batch}_{name}_tok_s"] = batch * (n - 1) / (total - ttft_theirs)
+            except Exception as e:  # report, not crash: one side's failure is a result too
+                results["transformers"][f"decode_b{batch}_{name}_error"] = f"{type(e).__name__}: {e}"[:200]
+    return results
+
+
+def bench_training(ours, theirs, args, device, dtype):
+    """Stage 1 (projector trains, full optimizer step) and stage 2 (LLM + projector, forward + backward)."""
+    config = ours.config
+    S = config.vision.image_size
+    results = {"ours": {}, "transformers": {}}
+    for stage, batch in ((1, args.stage1_batch), (2, args.stage2_batch)):
+        n_text = args.train_positions - config.num_image_tokens + 1
+        ids, hf_ids = prompts(config, batch, n_text, seed=10 + stage)
+        ids = torch.tensor(ids, device=device)
+        hf_ids = hf_ids.to(device)
+        labels, hf_labels = ids.clone(), hf_ids.clone()
+        labels[ids == IMAGE_TOKEN_INDEX] = -100
+        hf_labels[hf_ids == config.image_token_index] = -100
+        images = torch.randn(batch, 3, S, S, device=device, dtype=dtype)
+        for side, model in (("ours", ours), ("transformers", theirs)):
+            if model is None:
+                continue
+            model.requires_grad_(False)
+            projector = model.multi_modal_projector if side == "ours" else model.model.multi_modal_projector
+            language_model = model.language_model if side == "ours" else model.model.language_model
+            trainable = list(projector.parameters()) + (list(language_model.parameters()) if stage == 2 else [])
+            for p in trainable:
+                p.requires_grad_(True)
+            if side == "ours":
+                model.language_model.gradient_checkpointing = stage == 1
+            elif stage == 1:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+            model.train()
+            optimizer = torch.optim.AdamW(projector.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+            def step():
+                if side == "ours":
+                    loss = model(ids, images, labels=labels)
+                else:
+                    loss = model(input_ids=hf_ids, pixel_values=images, labels=hf_labels).loss
+                loss.backward()
+                if stage == 1:
+                    optimizer.step()
+                for p in trainable:
+                    p.grad = None
+
+            seconds, peak = peak_memory(step, device)
+            results[side][f"stage{stage}_tok_s"] = batch * args.train_positions / seconds
+            results[side][f"stage{stage}_peak_gb"] = peak
+            model.requires_grad_(False)
+            model.eval()
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=None, help="llava-v1.5-7b (default on a GPU) or tiny (default on a CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompt-tokens", type=int, default=48, help="text tokens around the image")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (32 on a CPU)")
+    parser.add_argument("--batch", type=int, default=8, help="the second decode batch size")
+    parser.add_argument("--train-positions", type=int, default=None, help="default 700 (128 on a CPU)")
+    parser.add_argument("--stage1-batch", type=int, default=None, help="default 16 (4 on a CPU)")
+    parser.add_argument("--stage2-batch", type=int, default=None, help="default 8 (4 on a CPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                        help="compile our decode step (default: on a GPU)")
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.preset = args.preset or ("llava-v1.5-7b" if cuda else "tiny")
+    args.compile = cuda if args.compile is None else args.compile
+    for name, gpu, cpu in (("new_tokens", 256, 32), ("train_positions", 700, 128), ("stage1_batch", 16, 4),
+                           ("stage2_batch", 8, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if cuda else cpu)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    ours, theirs = build(args.preset, device, dtype)
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "preset": args.preset,
+               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__}
+    if theirs is not None:
+        import transformers
+        results["transformers_version"] = transformers.__version__
+    parts = [bench_inference(ours, theirs, args, device, dtype)]
+    if not args.skip_training:
+        parts.append(bench_training(ours, theirs, args, device, dtype))
+    for side in ("ours", "transformers"):
+        results[side] = {k: v for part in parts for k, v in part[side].items()}
+    o, t = results["ours"], results["transformers"]
+    if theirs is None:
+        del results["transformers"]
+        print(json.dumps(results, indent=2))
+        return
+    best = lambda b: max((v for k, v in t.items() if k.startswith(f"decode_b{b}_") and k.endswith("tok_s")), default=None)
+    results["ratios"] = {
+        "ttft (theirs/ours, >1 = faster)": t["ttft_ms"] / o["ttft_ms"],
+        "decode_b1 (ours/theirs best)": o["decode_b1_tok_s"] / best(1) if best(1) else None,
+        f"decode_b{args.batch} (ours/theirs best)": o[f"decode_b{args.batch}_tok_s"] / best(args.batch)
+        if best(args.batch) else None,
+    }
+    if not args.skip_training:
+        for stage in (1, 2):
+            results["ratios"][f"stage{stage} tok/s (ours/theirs)"] = o[f"stage{stage}_tok_s"] / t[f"stage{stage}_tok_s"]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
