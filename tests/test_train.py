@@ -7,6 +7,7 @@ Each run is a real `python train.py` subprocess. OMP_NUM_THREADS=1 keeps CPU ari
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,7 +70,10 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(runs, tmp_path):
 def test_two_process_ddp_matches_one_process(runs, tmp_path):
     common = ["--stage", 1, "--global-batch", 8, "--max-steps", 3, "--save-every", 100]
     train(runs, *common, "--out-dir", tmp_path / "one", "--micro-batch", 4)  # 1 rank × 2 micro-steps × 4
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
+    with socket.socket() as s:  # a free port: a fixed one may still be held by an earlier run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            os.path.join(REPO, "train.py"), "--runs-dir", str(runs), *map(str, common),
            "--out-dir", str(tmp_path / "two"), "--micro-batch", "2"]  # 2 ranks × 2 micro-steps × 2
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
