@@ -36,13 +36,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from clip import CLIPVisionConfig, CLIPVisionTower, preprocess_image
 from data import (BOS_ID, CONV_TEMPLATES, SHAPES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate,
                   ensure_toy_world, load_tokenizer, open_image)
 from llama import Llama, LlamaConfig
-from model import IGNORE_INDEX, load_base, load_projector, save_clip, save_llama, save_llava
+from model import IGNORE_INDEX, Llava, load_base, load_projector, save_clip, save_llama, save_llava
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -334,32 +335,74 @@ def checkpoint_dirs(out_dir: str) -> list:
     return [os.path.join(out_dir, f"checkpoint-{s}") for s in steps]
 
 
-def save_checkpoint(cfg, step, trainable: dict, optimizer, skipped: int):
+def rekey(optimizer_state: dict, key: dict) -> dict:
+    """An optimizer state_dict with each parameter's key k replaced by key[k] (its index <-> its name)."""
+    return {"state": {key[k]: s for k, s in optimizer_state["state"].items()},
+            "param_groups": [dict(g, params=[key[k] for k in g["params"]]) for g in optimizer_state["param_groups"]]}
+
+
+def optimizer_names(optimizer, trainable: dict) -> list:
+    """Parameter names in the optimizer's order: index i of its state_dict() is names[i]."""
+    name_of = {p: n for n, p in trainable.items()}
+    return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state(cfg, model, trainable: dict, optimizer):
+    """The trainable weights by name and optimizer.state_dict(), as one plain process holds them, so that both engines
+    write the same checkpoint and a run can resume under either. Under FSDP every rank must call this: the shards are
+    gathered to rank 0 (the others get None) and the optimizer's states, which come keyed by name, re-keyed by index."""
+    if not cfg.fsdp:
+        return trainable, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return None, None
+    return weights, rekey(by_name, {n: i for i, n in enumerate(optimizer_names(optimizer, trainable))})
+
+
+def save_checkpoint(cfg, step, model, trainable: dict, optimizer, skipped: int, rank: int):
+    """Every rank calls this (FSDP gathers the shards from all of them); rank 0 writes."""
     from safetensors.torch import save_file
-    final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
-    tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, os.path.join(tmp, "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                else []}, os.path.join(tmp, "rng.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "skipped": skipped, "config": dataclasses.asdict(cfg)}, f, indent=2)
-    os.replace(tmp, final)
-    for old in checkpoint_dirs(cfg.out_dir)[:-1]:  # keep only the newest
-        shutil.rmtree(old)
+    weights, optimizer_state = full_state(cfg, model, trainable, optimizer)
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
+        tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({n: p.detach().cpu().contiguous() for n, p in weights.items()},
+                  os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                    else []}, os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "skipped": skipped, "config": dataclasses.asdict(cfg)}, f, indent=2)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(cfg.out_dir)[:-1]:  # keep only the newest
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def load_checkpoint(path, trainable: dict, optimizer):
+def load_checkpoint(path, model, trainable: dict, optimizer, fsdp: bool):
     from safetensors.torch import load_file
     weights = load_file(os.path.join(path, "trainable.safetensors"))
     if weights.keys() != trainable.keys():
         raise RuntimeError(f"{path} holds different trainable tensors than this run trains (another stage?)")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    if fsdp:  # every rank reads the full tensors and keeps its shard
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: frozen weights are not here
+        set_model_state_dict(model, weights, options=options)
+        by_name = rekey(optimizer_state, dict(enumerate(optimizer_names(optimizer, trainable))))
+        set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    else:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(weights[name])
+        optimizer.load_state_dict(optimizer_state)
     rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:
@@ -382,6 +425,32 @@ def build_model(cfg: TrainConfig, device, dtype):
     model.multi_modal_projector.float()  # fresh or loaded, the projector is trained in fp32 (stage 2 too)
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
+
+
+def shard(model, world: int, device, dtype):
+    """FSDP2: every parameter becomes a DTensor holding 1/world of it. Each decoder layer is its own unit, all-gathered
+    just before it runs and freed after; the root unit holds the rest (embeddings, lm_head, projector, the frozen
+    tower). Within a unit only the trainable parameters must share a dtype, so the bf16 tower can sit beside them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    # compute in the run's dtype (as autocast would), reduce gradients in fp32; a no-op in fp32 on the CPU
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def gather_model(model):
+    """A plain copy of an FSDP-sharded model on rank 0 (None elsewhere), for save_llava. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = Llava(model.config)
+    plain.load_state_dict(state, assign=True)
+    return plain
 
 
 def flops_per_token(model, cfg) -> float:
@@ -410,26 +479,23 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     total_steps = int(cfg.epochs * steps_per_epoch)
     if total_steps == 0:
         raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch}")
+    if cfg.fsdp:
+        if not dist.is_initialized():
+            raise SystemExit("--fsdp shards over the ranks of a torchrun launch")
+        shard(model, world, device, dtype)  # before the optimizer: sharding replaces every parameter
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(list(trainable.values()), cfg, fused=device.type == "cuda")
     start_step, skipped = 0, 0
     if cfg.resume and checkpoint_dirs(cfg.out_dir):
-        start_step, skipped = load_checkpoint(checkpoint_dirs(cfg.out_dir)[-1], trainable, optimizer)
+        start_step, skipped = load_checkpoint(checkpoint_dirs(cfg.out_dir)[-1], model, trainable, optimizer, cfg.fsdp)
         log(rank, f"resumed from {checkpoint_dirs(cfg.out_dir)[-1]} at step {start_step}")
     model.train()
     model.vision_tower.eval()  # frozen: CLIP's statistics stay as pretrained
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for layer in model.language_model.layers:  # one all-gather per decoder layer, freed after use
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        ddp_model = model
-    elif world > 1:
+    if world > 1 and not cfg.fsdp:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                               else None)
     else:
-        ddp_model = model
+        ddp_model = model  # FSDP's hooks are on the sharded model itself
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     log(rank, f"stage {cfg.stage}: {len(dataset)} samples, {total_steps} steps of {cfg.global_batch} "
@@ -466,7 +532,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
             for i, b in enumerate(batches):
                 skipped += b["n_skipped"]
                 last = i == accum - 1
-                # gradients are all-reduced only on the last micro-step (DDP's no_sync); FSDP syncs every time
+                # gradients are reduced across ranks only on the last micro-step: DDP's no_sync, and FSDP's
+                # equivalent, which keeps unsharded gradients until then
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(last)
                 sync = contextlib.nullcontext() if last or world == 1 or cfg.fsdp else ddp_model.no_sync()
                 with sync, autocast:
                     if len(b["ids"]) == 0:  # every sample of this micro-batch was skipped: a zero loss keeps
@@ -477,10 +546,12 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                                          b["labels"].to(device), reduction="sum")
                         if images is None:  # text-only batch: touch the unused projector so DDP's sync sees it
                             loss = loss + 0.0 * sum(p.sum() for p in model.multi_modal_projector.parameters())
-                    # DDP averages gradients over ranks; × world turns that into the sum over the global batch
+                    # DDP and FSDP average gradients over ranks; × world turns that into the global batch's sum
                     (loss * world / n_global).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients, reduced over the ranks
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -500,18 +571,15 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                 bar.update()
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
-            if step % cfg.save_every == 0 and step < end_step and not cfg.fsdp:
-                if rank == 0:
-                    save_checkpoint(cfg, step, trainable, optimizer, skipped)
-                if dist.is_initialized():
-                    dist.barrier()
+            if step % cfg.save_every == 0 and step < end_step:
+                save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     bar.close()
     skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
+    save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
+    plain = gather_model(model) if cfg.fsdp else model
     if rank == 0:
-        if not cfg.fsdp:
-            save_checkpoint(cfg, step, trainable, optimizer, skipped)
         final = os.path.join(cfg.out_dir, "model")
-        save_llava(model, final)
+        save_llava(plain, final)
         for name in os.listdir(cfg.llm):
             if name.startswith(("tokenizer", "special_tokens_map")):
                 shutil.copy(os.path.join(cfg.llm, name), final)
