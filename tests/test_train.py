@@ -1,4 +1,5 @@
-"""train.py end to end on a small toy world: DDP equivalence, exact resume after kill -9, frozen parts, bad samples.
+"""train.py end to end on a small toy world: DDP and FSDP equivalence, exact resume after kill -9, frozen parts,
+bad samples.
 
 Each run is a real `python train.py` subprocess. OMP_NUM_THREADS=1 keeps CPU arithmetic identical from run to run
 (bitwise resume) and stops two DDP ranks from fighting over the cores.
@@ -31,6 +32,18 @@ def train(runs, *args, check=True, background=False):
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def torchrun(runs, *args):
+    """train.py on 2 gloo ranks of one machine."""
+    with socket.socket() as s:  # a free port: a fixed one may still be held by an earlier run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(REPO, "train.py"), "--runs-dir", str(runs), *map(str, args)]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
@@ -70,14 +83,7 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(runs, tmp_path):
 def test_two_process_ddp_matches_one_process(runs, tmp_path):
     common = ["--stage", 1, "--global-batch", 8, "--max-steps", 3, "--save-every", 100]
     train(runs, *common, "--out-dir", tmp_path / "one", "--micro-batch", 4)  # 1 rank × 2 micro-steps × 4
-    with socket.socket() as s:  # a free port: a fixed one may still be held by an earlier run
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(REPO, "train.py"), "--runs-dir", str(runs), *map(str, common),
-           "--out-dir", str(tmp_path / "two"), "--micro-batch", "2"]  # 2 ranks × 2 micro-steps × 2
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = torchrun(runs, *common, "--out-dir", tmp_path / "two", "--micro-batch", 2)  # 2 ranks × 2 micro-steps × 2
     assert "2 ranks × 2 micro-steps × 2" in out.stdout + out.stderr
     one, two = trainable(tmp_path / "one", 3), trainable(tmp_path / "two", 3)
     assert one.keys() == two.keys()
@@ -88,6 +94,46 @@ def test_two_process_ddp_matches_one_process(runs, tmp_path):
     for a, b in zip(*logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_two_process_fsdp_matches_one_process_and_resumes(runs, tmp_path):
+    """Stage 2 (the LLM trains) sharded over 2 ranks with FSDP2 reaches what one plain process reaches, writes the
+    checkpoint layout one process writes (so either engine can resume it), resumes exactly, and saves a model."""
+    train(runs, "--stage", 1, "--out-dir", tmp_path / "s1", "--global-batch", 8, "--micro-batch", 8, "--max-steps", 1)
+    # lr below the toy's 2e-3: Adam's step lr·g/(|g| + eps) turns float-order noise in a near-zero gradient into a
+    # difference of up to ~lr/100 on a few elements (at 2e-3: 1.5e-5 here, 7e-6 for 2-process DDP)
+    common = ["--stage", 2, "--projector", tmp_path / "s1" / "model", "--global-batch", 8, "--max-steps", 4,
+              "--save-every", 2, "--lr", 2e-4]
+    fsdp = [*common, "--micro-batch", 2, "--fsdp", "true"]  # 2 ranks × 2 micro-steps × 2
+    train(runs, *common, "--out-dir", tmp_path / "one", "--micro-batch", 4)  # 1 rank × 2 micro-steps × 4
+    out = torchrun(runs, *fsdp, "--out-dir", tmp_path / "fsdp")
+    assert "2 ranks × 2 micro-steps × 2" in out.stdout + out.stderr
+    one, two = trainable(tmp_path / "one", 4), trainable(tmp_path / "fsdp", 4)
+    assert one.keys() == two.keys() and any(k.startswith("language_model.layers.") for k in one)
+    for name in one:  # the same up to the order of float additions (2-process DDP differs as much)
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), name
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "fsdp")]
+    for a, b in zip(*logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    optimizers = [torch.load(tmp_path / run / "checkpoint-4" / "optimizer.pt") for run in ("one", "fsdp")]
+    assert optimizers[0]["param_groups"] == optimizers[1]["param_groups"]  # the same layout, indexed alike
+    assert optimizers[0]["state"].keys() == optimizers[1]["state"].keys()
+
+    model = load_llava(str(tmp_path / "fsdp" / "model"))  # gathered from the shards
+    state = model.state_dict()
+    for name, tensor in two.items():
+        assert torch.equal(state[name], tensor), name
+    base_clip = load_clip(str(runs / "toy" / "base" / "clip"))
+    for (name, p), q in zip(model.vision_tower.state_dict().items(), base_clip.state_dict().values()):
+        assert torch.equal(p, q), name  # frozen
+
+    torchrun(runs, *fsdp, "--out-dir", tmp_path / "resumed", "--max-steps", 2)  # the schedule still counts all steps
+    out = torchrun(runs, *fsdp, "--out-dir", tmp_path / "resumed", "--resume", "true")
+    assert "resumed from" in out.stdout + out.stderr
+    resumed = trainable(tmp_path / "resumed", 4)
+    for name in two:
+        assert torch.equal(two[name], resumed[name]), name  # bitwise
 
 
 def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
