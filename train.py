@@ -537,15 +537,16 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                 if cfg.fsdp:
                     model.set_requires_gradient_sync(last)
                 sync = contextlib.nullcontext() if last or world == 1 or cfg.fsdp else ddp_model.no_sync()
+                if len(b["ids"]) == 0:  # every sample was skipped: one padding token without labels gives a zero
+                    # loss through the same forward, and so the same collectives, as the other ranks' micro-batches
+                    b = dict(b, input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=torch.zeros(1, 1,
+                             dtype=torch.bool), labels=torch.full((1, 1), IGNORE_INDEX), images=None)
                 with sync, autocast:
-                    if len(b["ids"]) == 0:  # every sample of this micro-batch was skipped: a zero loss keeps
-                        loss = sum(p.sum() for p in trainable.values()) * 0.0  # all ranks in step
-                    else:
-                        images = b["images"].to(device, non_blocking=True) if b["images"] is not None else None
-                        loss = ddp_model(b["input_ids"].to(device), images, b["attention_mask"].to(device),
-                                         b["labels"].to(device), reduction="sum")
-                        if images is None:  # text-only batch: touch the unused projector so DDP's sync sees it
-                            loss = loss + 0.0 * sum(p.sum() for p in model.multi_modal_projector.parameters())
+                    images = b["images"].to(device, non_blocking=True) if b["images"] is not None else None
+                    loss = ddp_model(b["input_ids"].to(device), images, b["attention_mask"].to(device),
+                                     b["labels"].to(device), reduction="sum")
+                    if images is None:  # text-only batch: touch the unused projector so DDP's sync sees it
+                        loss = loss + 0.0 * sum(p.sum() for p in model.multi_modal_projector.parameters())
                     # DDP and FSDP average gradients over ranks; × world turns that into the global batch's sum
                     (loss * world / n_global).backward()
                 loss_sum += loss.detach()

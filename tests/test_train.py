@@ -170,6 +170,19 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     assert os.path.exists(tmp_path / "bad" / "model" / "model.safetensors")
 
 
+def test_fsdp_rank_whose_micro_batch_is_all_skipped_keeps_in_step(runs, tmp_path):
+    """With one sample per micro-batch, a bad sample empties one rank's micro-batch while the other rank's is not:
+    the empty one must still run the forward and backward, whose collectives the other rank waits for."""
+    samples = json.load(open(runs / "toy" / "world" / "stage2.json"))[:8]
+    next(s for s in samples if "image" in s)["image"] = "no_such_image.png"
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(samples))
+    out = torchrun(runs, "--stage", 2, "--projector", "", "--data", data, "--group-by-modality", "false",
+                   "--out-dir", tmp_path / "bad", "--global-batch", 4, "--micro-batch", 1, "--epochs", 1,
+                   "--fsdp", "true")
+    assert "2 steps, 1 samples skipped" in out.stdout + out.stderr
+
+
 def test_real_recipe_defaults_and_overrides(tmp_path):
     from train import resolve_config
     cfg = resolve_config(["--stage", "2", "--llm", "V", "--vision-tower", "C", "--data", "mix.json", "--lr", "1e-5"])
