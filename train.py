@@ -616,6 +616,9 @@ def main(argv=None):
         log(rank, "config: " + json.dumps(dataclasses.asdict(cfg)))
         train(cfg, rank, world, device, dtype)
     if dist.is_initialized():
+        # all ranks leave together: a rank that exits while a gloo worker thread still holds the tensors of its last
+        # collective (FSDP's all-gathers) aborts when that thread frees them under the finalizing interpreter
+        dist.barrier()
         dist.destroy_process_group()
 
 
