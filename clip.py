@@ -57,8 +57,10 @@ class CLIPVisionConfig:
 
 CLIP_PRESETS = {
     "ViT-L/14-336": dict(),  # openai/clip-vit-large-patch14-336, the LLaVA-1.5 tower
-    "toy": dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=4, projection_dim=64),  # the toy world's tower: 64 patches, trained by stage 0
+    # the toy world's tower, trained by stage 0: 4 × 4 patches of 16 px, so an object (20-27 px) spans about 2 × 2
+    # patches and each patch shows a telling part of its outline; 16 image tokens keep the LLM's sequences short
+    "toy": dict(image_size=64, patch_size=16, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, projection_dim=64),
     "tiny": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                  num_attention_heads=2, projection_dim=32),  # for tests
 }

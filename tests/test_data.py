@@ -339,7 +339,7 @@ def test_default_toy_world(tmp_path, capsys):
     for record in stage2:
         input_ids, labels = preprocess(record["conversations"], tokenizer, "vicuna_v1", "image" in record)
         lengths.append(len(input_ids))
-    assert max(lengths) < 160  # short sequences (+ 64 image tokens): the toy trains fast
+    assert max(lengths) < 160  # short sequences (+ 16 image tokens): the toy trains fast
     assert {len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r) for r in stage2} == {0, 1, 2}
     assert sum(SHORT_ANSWER in r["conversations"][0]["value"] for r in stage2) > 500
 
