@@ -691,9 +691,10 @@ def _stage2_sample(scenes: list, files: list, rng: random.Random) -> dict:
         question = f"{IMAGE_MARKER}\n{IMAGE_MARKER}\n{question}"
         return dict(image=[files[k], files[j]],
                     conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)]))
-    # several questions about the image, as mix665k's VQA samples: the image's tokens are paid for once
+    # several questions about the image, as mix665k's VQA samples: the image's tokens (and the system prompt) are
+    # paid for once, and each question is one more lesson in finding an object by one attribute and reading another
     asked = {}
-    for category in rng.choices(EVAL_CATEGORIES + ("size",), k=rng.randint(2, 5)):
+    for category in rng.choices(EVAL_CATEGORIES + ("size",), k=rng.randint(3, 8)):
         q, w, s = _question(scenes[k], category, rng)
         asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
     pairs = list(asked.values())
@@ -723,7 +724,7 @@ def _toy_paths(root: Path) -> dict:
                 eval=root / "eval.jsonl", tokenizer=root / "tokenizer.json")
 
 
-def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: int = 4000, n_stage2: int = 6000,
+def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: int = 4000, n_stage2: int = 8000,
                    n_eval_images: int = 100, vocab_size: int = 600) -> dict:
     """Write the toy world under root and return its paths. Same seed, same bytes.
 

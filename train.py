@@ -89,7 +89,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = the full schedule
     # stage 0 (toy only)
     lm_steps: int = 250
-    clip_steps: int = 1000
+    clip_steps: int = 2000
 
 
 STAGE_DEFAULTS = {  # scripts/v1_5/pretrain.sh and finetune.sh (8 GPUs × per-device batch)
@@ -101,7 +101,7 @@ TOY_DEFAULTS = {  # minutes on a 2-core CPU: tiny models want larger learning ra
     1: dict(lr=2e-3, global_batch=32, micro_batch=32, max_len=512, epochs=3.0, num_workers=0,
             gradient_checkpointing=False, save_every=100,
             image_aspect_ratio="pad"),  # the toy's non-square images would lose shapes to a centre crop
-    2: dict(lr=2e-3, global_batch=32, micro_batch=32, max_len=512, epochs=2.0, num_workers=0,
+    2: dict(lr=2e-3, global_batch=32, micro_batch=32, max_len=512, epochs=3.0, num_workers=0,
             gradient_checkpointing=False, save_every=100),
 }
 
