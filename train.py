@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -575,6 +576,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
             if step % cfg.save_every == 0 and step < end_step:
                 save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     bar.close()
+    if log_file:
+        log_file.close()
     skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
     save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     plain = gather_model(model) if cfg.fsdp else model
@@ -620,6 +623,11 @@ def main(argv=None):
         # collective (FSDP's all-gathers) aborts when that thread frees them under the finalizing interpreter
         dist.barrier()
         dist.destroy_process_group()
+        # the barrier makes that rare, not impossible (an upstream race): leave without finalizing the interpreter,
+        # now that every file is closed and the output is flushed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
