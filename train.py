@@ -481,8 +481,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     if total_steps == 0:
         raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch}")
     if cfg.fsdp:
-        if not dist.is_initialized():
-            raise SystemExit("--fsdp shards over the ranks of a torchrun launch")
         shard(model, world, device, dtype)  # before the optimizer: sharding replaces every parameter
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(list(trainable.values()), cfg, fused=device.type == "cuda")
@@ -606,6 +604,8 @@ def point_latest(runs_dir: str, model_dir: str):
 def main(argv=None):
     cfg = resolve_config(argv)
     rank, world, device, dtype = setup_distributed(cfg)
+    if cfg.fsdp and not dist.is_initialized():  # before anything is loaded or trained
+        raise SystemExit("--fsdp shards over the ranks of a torchrun launch")
     torch.manual_seed(cfg.seed)
     toy = cfg.llm == toy_paths(cfg)["llm"]
     if cfg.stage == 0 or (toy and not os.path.exists(os.path.join(cfg.vision_tower, "config.json"))):
