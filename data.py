@@ -444,24 +444,47 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
                     images=torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size))
 
 
-def collate(batch: list, pad_id: int = PAD_ID) -> dict:
+def collate(batch: list, pad_id: int = PAD_ID, pack: bool = False, image_tokens: int = 1) -> dict:
     """Samples -> one right-padded batch (official DataCollatorForSupervisedDataset): input_ids (B, T) padded with
     pad_id, labels (B, T) with IGNORE_INDEX, attention_mask (B, T) True on real tokens, images (N, 3, S, S) of all
-    samples in order (None if there are none). None samples are left out and counted in n_skipped, a count that
-    survives DataLoader worker processes. The mask comes from the lengths; official `input_ids != pad_id` would
-    also hide a real <unk> in the text."""
+    samples in the order of their placeholders (None if there are none). None samples are left out and counted in
+    n_skipped, a count that survives DataLoader worker processes. The mask comes from the lengths; official
+    `input_ids != pad_id` would also hide a real <unk> in the text.
+
+    pack puts several samples in a row, so that less compute goes to padding: rows as long as the longest sample (in
+    LLM positions, an image counting image_tokens), filled first-fit, longest sample first. No row is longer than
+    without packing, so neither memory nor the attention span grows (CPU attention with a mask costs the square of
+    the row length, masked or not). segment_ids (B, T) then numbers each row's samples 1, 2, ... (0 at padding) for
+    Llava.forward's block-diagonal mask; it is None without packing."""
     samples = [sample for sample in batch if sample is not None]
-    T = max((len(sample["input_ids"]) for sample in samples), default=0)
-    input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), T), dtype=torch.bool)
-    for row, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = sample["input_ids"], sample["labels"], True
-    images = [sample["images"] for sample in samples if len(sample["images"])]
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+    rows = [[sample] for sample in samples]
+    if pack and samples:
+        length = [len(s["input_ids"]) + len(s["images"]) * (image_tokens - 1) for s in samples]  # LLM positions
+        rows, room = [], []
+        for i in sorted(range(len(samples)), key=lambda i: -length[i]):
+            row = next((r for r in range(len(rows)) if room[r] >= length[i]), None)
+            if row is None:
+                rows.append([])
+                room.append(max(length))
+                row = len(rows) - 1
+            rows[row].append(samples[i])
+            room[row] -= length[i]
+    T = max((sum(len(sample["input_ids"]) for sample in row) for row in rows), default=0)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    segment_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        n = 0
+        for k, sample in enumerate(row, start=1):
+            m = len(sample["input_ids"])
+            input_ids[r, n:n + m], labels[r, n:n + m] = sample["input_ids"], sample["labels"]
+            segment_ids[r, n:n + m] = k
+            n += m
+    images = [sample["images"] for row in rows for sample in row if len(sample["images"])]
+    return dict(input_ids=input_ids, labels=labels, attention_mask=segment_ids > 0,
+                segment_ids=segment_ids if pack else None,
                 images=torch.cat(images) if images else None, n_skipped=len(batch) - len(samples),
-                ids=[sample["id"] for sample in samples])
+                ids=[sample["id"] for row in rows for sample in row])
 
 
 def _even_chunks(indices: list, lengths: list, n_chunks: int) -> list[list]:

@@ -105,13 +105,15 @@ class Llava(nn.Module):
             features = features[:, 1:]  # the patch tokens only
         return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
 
-    def splice(self, input_ids, images=None, attention_mask=None, labels=None, left_pad=False):
+    def splice(self, input_ids, images=None, attention_mask=None, labels=None, left_pad=False, segment_ids=None):
         """Replace each IMAGE_TOKEN_INDEX by its image's N tokens, without a Python loop over samples or tokens.
 
         input_ids (B, T) with one placeholder per image; images (I, 3, H, W) in the order the placeholders appear
         (row by row); attention_mask (B, T), False at padding. Returns embeds (B, L, C), position_ids (B, L),
-        valid (B, L) False at padding, labels (B, L) or None. Rows are padded on the right (training) or, with
-        left_pad, on the left, so that every row's last real token sits at position L-1 (generation).
+        valid (B, L) False at padding, labels (B, L) or None, and segment_ids (B, L) or None. Rows are padded on the
+        right (training) or, with left_pad, on the left, so that every row's last real token sits at position L-1
+        (generation). segment_ids (B, T), for rows that pack several samples (data.collate): 1, 2, ... numbers the
+        samples of a row, 0 is padding; each sample's positions then start again at 0.
         """
         B, T = input_ids.shape
         is_image = input_ids == IMAGE_TOKEN_INDEX  # (B, T)
@@ -147,14 +149,27 @@ class Llava(nn.Module):
             spliced = torch.full((B, L), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
             spliced[rows[is_text], start[is_text]] = labels[is_text]  # image positions keep IGNORE_INDEX
             labels = spliced
-        return embeds, position_ids, valid, labels
+        if segment_ids is not None:  # an image's N positions belong to the sample of its placeholder
+            segments = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
+            segments.scatter_(1, start, segment_ids)
+            segments = segments.cummax(1).values * valid  # fills each image's span, then zeroes the padding
+            first = torch.arange(L, device=input_ids.device).expand(B, L) * (segments != segments.roll(1, 1))
+            position_ids = torch.arange(L, device=input_ids.device) - first.cummax(1).values  # (B, L) from each start
+            segment_ids = segments
+        return embeds, position_ids, valid, labels, segment_ids
 
-    def forward(self, input_ids, images=None, attention_mask=None, labels=None, reduction="mean"):
+    def forward(self, input_ids, images=None, attention_mask=None, labels=None, reduction="mean", segment_ids=None):
         """Logits (B, L, V) without labels; with labels, the next-token cross-entropy over supervised positions
-        ("mean", or "sum" so that a training step can average over all the tokens of a global batch)."""
-        embeds, position_ids, valid, labels = self.splice(input_ids, images, attention_mask, labels)
-        # right padding sits after every real token, so the causal mask alone already hides it
-        hidden = self.language_model(embeds, position_ids)  # (B, L, C)
+        ("mean", or "sum" so that a training step can average over all the tokens of a global batch). segment_ids
+        (B, T): rows that pack several samples (see splice); each sample then attends only to itself."""
+        embeds, position_ids, valid, labels, segments = self.splice(input_ids, images, attention_mask, labels,
+                                                                    segment_ids=segment_ids)
+        mask = None  # right padding sits after every real token, so the causal mask alone already hides it
+        if segments is not None:  # block-diagonal causal: (B, 1, L, L), the same attention as unpacked rows
+            L = segments.shape[1]
+            causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
+            mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+        hidden = self.language_model(embeds, position_ids, mask)  # (B, L, C)
         if labels is None:
             return self.language_model.lm_head(hidden).float()
         targets = labels[:, 1:]  # position t predicts token t+1
@@ -187,7 +202,7 @@ class Llava(nn.Module):
         for i, p in enumerate(prompts):
             input_ids[i, T - len(p):] = torch.tensor(p)
             pad_mask[i, T - len(p):] = True
-        embeds, position_ids, valid, _ = self.splice(input_ids.to(device), images, pad_mask.to(device), left_pad=True)
+        embeds, position_ids, valid, *_ = self.splice(input_ids.to(device), images, pad_mask.to(device), left_pad=True)
         L = embeds.shape[1]
         if cache_start == 0:
             lm.setup_cache(B, cache_size or L + max_new_tokens)

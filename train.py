@@ -69,6 +69,7 @@ class TrainConfig:
     image_aspect_ratio: str = ""  # "pad" or "square" (clip.preprocess_image)
     max_len: int = 2048  # tokens, image tokens included
     group_by_modality: bool = False  # official group_by_modality_length: image and text-only batches apart
+    pack: bool = False  # several samples per micro-batch row, each attending only to itself: less compute on padding
     skip_bad: bool = True  # skip (and count) unreadable samples instead of stopping
     num_workers: int = 2
     # optimization
@@ -514,7 +515,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                          for batch in global_batches(dataset, cfg, epoch)[offset:]
                          for i in range(0, per_rank, cfg.micro_batch)]
         loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches,
-                                                  collate_fn=partial(collate, pad_id=tokenizer.token_to_id("<unk>")),
+                                                  collate_fn=partial(collate, pad_id=tokenizer.token_to_id("<unk>"),
+                                                                     pack=cfg.pack,
+                                                                     image_tokens=model.config.num_image_tokens),
                                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
         for _ in range(offset, steps_per_epoch):
             if step >= end_step:
@@ -539,11 +542,12 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                 if len(b["ids"]) == 0:  # every sample was skipped: one padding token without labels gives a zero
                     # loss through the same forward, and so the same collectives, as the other ranks' micro-batches
                     b = dict(b, input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=torch.zeros(1, 1,
-                             dtype=torch.bool), labels=torch.full((1, 1), IGNORE_INDEX), images=None)
+                             dtype=torch.bool), labels=torch.full((1, 1), IGNORE_INDEX), images=None, segment_ids=None)
                 with sync, autocast:
                     images = b["images"].to(device, non_blocking=True) if b["images"] is not None else None
+                    segment_ids = b["segment_ids"].to(device) if b["segment_ids"] is not None else None
                     loss = ddp_model(b["input_ids"].to(device), images, b["attention_mask"].to(device),
-                                     b["labels"].to(device), reduction="sum")
+                                     b["labels"].to(device), reduction="sum", segment_ids=segment_ids)
                     if images is None:  # text-only batch: touch the unused projector so DDP's sync sees it
                         loss = loss + 0.0 * sum(p.sum() for p in model.multi_modal_projector.parameters())
                     # DDP and FSDP average gradients over ranks; × world turns that into the global batch's sum

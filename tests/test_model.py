@@ -9,6 +9,7 @@ import transformers
 from safetensors.torch import save_file
 
 import tiny_hf
+from data import collate
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llava, LlavaConfig, load_base, load_clip,
                    load_llama, load_llava, save_llava)
 
@@ -171,6 +172,48 @@ def test_loss_is_mean_cross_entropy_over_supervised_labels(llava_hf_dir):
     assert abs(loss.item() - ref.item()) < TOL
 
 
+def test_packed_rows_give_the_same_loss_and_gradients_as_one_sample_per_row(llava_hf_dir):
+    """data.collate's packing (several samples per row, a block-diagonal mask, positions restarting per sample)
+    changes how much padding is computed, not what is learned."""
+    ours = load_llava(llava_hf_dir[0])
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i, (n_text, n_images) in enumerate([(30, 1), (6, 0), (9, 2), (4, 1), (12, 0), (5, 1), (3, 0)]):
+        ids = torch.randint(3, 120, (n_text,), generator=g)
+        ids[0] = 1  # BOS
+        ids[1:1 + n_images] = IMAGE_TOKEN_INDEX
+        labels = torch.where((torch.arange(n_text) > n_images + 1) & (ids != IMAGE_TOKEN_INDEX), ids, IGNORE_INDEX)
+        samples.append(dict(id=str(i), input_ids=ids, labels=labels, images=pixels(n_images, seed=i)))
+    N = ours.config.num_image_tokens
+    plain, packed = collate(samples), collate(samples, pack=True, image_tokens=N)
+    assert plain["segment_ids"] is None and len(plain["input_ids"]) == 7
+    # LLM positions 45, 6, 39, 19, 12, 20, 3 packed first-fit, longest first, into rows of 45:
+    # [45], [39, 6], [20, 19, 3], [12]
+    assert packed["segment_ids"].max(1).values.tolist() == [1, 2, 3, 1]
+    assert sorted(packed["ids"]) == sorted(plain["ids"])
+    assert packed["attention_mask"].sum() == plain["attention_mask"].sum()  # every token once
+
+    def loss_and_grads(batch):
+        ours.zero_grad()
+        loss = ours(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"], reduction="sum",
+                    segment_ids=batch["segment_ids"])
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in ours.named_parameters() if p.grad is not None}
+
+    (plain_loss, plain_grads), (packed_loss, packed_grads) = loss_and_grads(plain), loss_and_grads(packed)
+    assert abs(packed_loss - plain_loss) < TOL * abs(plain_loss)
+    assert plain_grads.keys() == packed_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-4, atol=1e-5), name
+    # every packed sample's RoPE positions start again at 0, as in its own row
+    _, position_ids, valid, _, segments = ours.splice(packed["input_ids"], packed["images"], packed["attention_mask"],
+                                                       segment_ids=packed["segment_ids"])
+    row = 2  # three samples and 3 positions of padding
+    for k in range(1, int(segments[row].max()) + 1):
+        assert position_ids[row][segments[row] == k].tolist() == list(range(int((segments[row] == k).sum())))
+    assert not valid[row][segments[row] == 0].any()
+
+
 def test_placeholder_count_must_match_images(llava_hf_dir):
     ours = load_llava(llava_hf_dir[0])
     with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
@@ -207,7 +250,7 @@ def test_kv_cached_greedy_equals_recomputing_and_transformers(llava_hf_dir):
     seq = prompts[0] + generated[0][:3]
     with torch.no_grad():
         full = ours(torch.tensor([seq]), images[:1])[0]
-        embeds, pos, valid, _ = ours.splice(torch.tensor([prompts[0]]), images[:1])
+        embeds, pos, valid, _, _ = ours.splice(torch.tensor([prompts[0]]), images[:1])
         lm.setup_cache(1, 64)
         from llama import attention_mask
         key_valid = torch.ones(1, 64, dtype=torch.bool)

@@ -136,6 +136,25 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, tmp_path):
         assert torch.equal(two[name], resumed[name]), name  # bitwise
 
 
+def test_packed_stage2_matches_unpacked(runs, tmp_path):
+    """--pack changes the rows a micro-batch is cut into, not the training: the same weights, loss and grad norm."""
+    train(runs, "--stage", 1, "--out-dir", tmp_path / "s1", "--global-batch", 8, "--micro-batch", 8, "--max-steps", 1)
+    common = ["--stage", 2, "--projector", tmp_path / "s1" / "model", "--global-batch", 32, "--micro-batch", 32,
+              "--max-steps", 3, "--save-every", 100, "--lr", 2e-4]  # lr: see the FSDP test
+    train(runs, *common, "--out-dir", tmp_path / "plain")
+    train(runs, *common, "--out-dir", tmp_path / "packed", "--pack", "true")
+    plain, packed = trainable(tmp_path / "plain", 3), trainable(tmp_path / "packed", 3)
+    assert plain.keys() == packed.keys() and any(k.startswith("language_model.layers.") for k in plain)
+    for name in plain:
+        assert (plain[name] - packed[name]).abs().max() < 1e-5, name
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("plain", "packed")]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert json.load(open(tmp_path / "packed" / "model" / "train_config.json"))["pack"] is True
+
+
 def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
     common = ["--stage", 2, "--projector", "", "--global-batch", 8, "--micro-batch", 4, "--max-steps", 8,
               "--save-every", 2]
