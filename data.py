@@ -460,12 +460,13 @@ def collate(batch: list, pad_id: int = PAD_ID, pack: bool = False, image_tokens:
     rows = [[sample] for sample in samples]
     if pack and samples:
         length = [len(s["input_ids"]) + len(s["images"]) * (image_tokens - 1) for s in samples]  # LLM positions
+        capacity = max(length)  # every row as long as the longest sample
         rows, room = [], []
         for i in sorted(range(len(samples)), key=lambda i: -length[i]):
             row = next((r for r in range(len(rows)) if room[r] >= length[i]), None)
             if row is None:
                 rows.append([])
-                room.append(max(length))
+                room.append(capacity)
                 row = len(rows) - 1
             rows[row].append(samples[i])
             room[row] -= length[i]
