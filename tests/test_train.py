@@ -58,6 +58,14 @@ def runs(tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope="module")
+def stage1_model(runs, tmp_path_factory):
+    """A one-step stage-1 output: the projector stage 2 starts from."""
+    out = tmp_path_factory.mktemp("s1")
+    train(runs, "--stage", 1, "--out-dir", out, "--global-batch", 8, "--micro-batch", 8, "--max-steps", 1)
+    return out / "model"
+
+
 def trainable(out_dir, step):
     return load_file(os.path.join(out_dir, f"checkpoint-{step}", "trainable.safetensors"))
 
@@ -96,13 +104,12 @@ def test_two_process_ddp_matches_one_process(runs, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def test_two_process_fsdp_matches_one_process_and_resumes(runs, tmp_path):
+def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tmp_path):
     """Stage 2 (the LLM trains) sharded over 2 ranks with FSDP2 reaches what one plain process reaches, writes the
     checkpoint layout one process writes (so either engine can resume it), resumes exactly, and saves a model."""
-    train(runs, "--stage", 1, "--out-dir", tmp_path / "s1", "--global-batch", 8, "--micro-batch", 8, "--max-steps", 1)
     # lr below the toy's 2e-3: Adam's step lr·g/(|g| + eps) turns float-order noise in a near-zero gradient into a
     # difference of up to ~lr/100 on a few elements (at 2e-3: 1.5e-5 here, 7e-6 for 2-process DDP)
-    common = ["--stage", 2, "--projector", tmp_path / "s1" / "model", "--global-batch", 8, "--max-steps", 4,
+    common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 8, "--max-steps", 4,
               "--save-every", 2, "--lr", 2e-4]
     fsdp = [*common, "--micro-batch", 2, "--fsdp", "true"]  # 2 ranks × 2 micro-steps × 2
     train(runs, *common, "--out-dir", tmp_path / "one", "--micro-batch", 4)  # 1 rank × 2 micro-steps × 4
@@ -136,10 +143,9 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, tmp_path):
         assert torch.equal(two[name], resumed[name]), name  # bitwise
 
 
-def test_packed_stage2_matches_unpacked(runs, tmp_path):
+def test_packed_stage2_matches_unpacked(runs, stage1_model, tmp_path):
     """--pack changes the rows a micro-batch is cut into, not the training: the same weights, loss and grad norm."""
-    train(runs, "--stage", 1, "--out-dir", tmp_path / "s1", "--global-batch", 8, "--micro-batch", 8, "--max-steps", 1)
-    common = ["--stage", 2, "--projector", tmp_path / "s1" / "model", "--global-batch", 32, "--micro-batch", 32,
+    common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 32, "--micro-batch", 32,
               "--max-steps", 3, "--save-every", 100, "--lr", 2e-4]  # lr: see the FSDP test
     train(runs, *common, "--out-dir", tmp_path / "plain")
     train(runs, *common, "--out-dir", tmp_path / "packed", "--pack", "true")
