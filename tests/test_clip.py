@@ -35,6 +35,13 @@ def test_preprocess_matches_official(path, ratio, expected):
     assert np.abs(got - expected).max() < 1e-5
 
 
+def test_normalization_is_clips():
+    # the statistics CLIP was trained with (openai/clip-vit-large-patch14-336 preprocessor_config.json); the
+    # expected pixels above use these constants when ../shared is absent, so they are checked here on their own
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+
+
 def test_golden_set_covers_the_hard_cases():
     modes = {Image.open(p).mode for p, _, _ in golden_cases()}
     assert {"RGB", "L", "RGBA"} <= modes  # grayscale and alpha go through the same official conversion

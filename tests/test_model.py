@@ -131,10 +131,11 @@ def test_llava_batch_mixing_text_only_and_images_with_padding(llava_hf_dir):
     ids, our_mask = our_batch(rows)
     with torch.no_grad():
         got = ours(ids, images, our_mask)
+        valid = ours.splice(ids, images, our_mask)[2]  # (B, L): our padding mask after splicing
     for i, r in enumerate(rows):  # compare the real (unpadded) positions of each row
         n = len(tiny_hf.expand_image_tokens(r))
         assert (got[i, :n] - ref[i, :n]).abs().max() < TOL, i
-        assert mask[i, :n].all() and not mask[i, n:].any()
+        assert valid[i, :n].all() and not valid[i, n:].any()
 
 
 def test_loss_is_mean_cross_entropy_over_supervised_labels(llava_hf_dir):
@@ -280,7 +281,20 @@ def test_generation_stops_at_eos_and_samples_reproducibly(llava_hf_dir):
     prompt = [[1, 5, IMAGE_TOKEN_INDEX, 6]]
     greedy = ours.generate(prompt, pixels(1), max_new_tokens=8, eos_token_id=-1)[0]
     stop = greedy[3]  # pretend the 4th greedy token is EOS
-    assert ours.generate(prompt, pixels(1), max_new_tokens=8, eos_token_id=stop)[0] == greedy[:greedy.index(stop)]
+    steps = []  # streaming checks for the end after every token
+    assert ours.generate(prompt, pixels(1), max_new_tokens=8, eos_token_id=stop, on_token=steps.append)[0] == \
+        greedy[:greedy.index(stop)]
+    assert len(steps) == greedy.index(stop) + 1  # no step after the EOS
+    # a batch goes on until every row has met EOS; each row is cut at its own
+    prompts = [[1, 5, IMAGE_TOKEN_INDEX, 6], [1, 9, IMAGE_TOKEN_INDEX, 7, 8]]
+    rows = ours.generate(prompts, pixels(2), max_new_tokens=40, eos_token_id=-1)
+    early = [t for t in rows[0][:8] if t not in rows[1]]
+    assert early, "these prompts give no token that is early in row 0 and absent from row 1: pick others"
+    stop = early[0]
+    for on_token in (None, []):  # without streaming the end is checked every 16 tokens only
+        got = ours.generate(prompts, pixels(2), max_new_tokens=40, eos_token_id=stop,
+                            on_token=None if on_token is None else on_token.append)
+        assert got == [rows[0][:rows[0].index(stop)], rows[1]]
     a = ours.generate(prompt, pixels(1), 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
     b = ours.generate(prompt, pixels(1), 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
     c = ours.generate(prompt, pixels(1), 8, temperature=5.0, generator=torch.Generator().manual_seed(1))

@@ -17,6 +17,8 @@ N_IMAGE_TOKENS = (32 // 8) ** 2  # patches per image: the class token is dropped
 
 
 def randomize(model, seed=0):
+    """transformers' init (drawn after torch.manual_seed(seed) by the builders below, so that every run of the
+    tests sees the same model) plus seeded noise."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -25,14 +27,17 @@ def randomize(model, seed=0):
 
 
 def hf_llama(seed=0, **overrides):
+    torch.manual_seed(seed)
     return randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides})), seed)
 
 
 def hf_clip(seed=0):
+    torch.manual_seed(seed)
     return randomize(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)), seed)
 
 
 def hf_llava(seed=0):
+    torch.manual_seed(seed)
     config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**CLIP).to_dict(),
                                       text_config=transformers.LlamaConfig(**LLAMA).to_dict(),
                                       image_token_index=IMAGE_TOKEN)
