@@ -99,6 +99,7 @@ def test_two_process_ddp_matches_one_process(runs, tmp_path):
         assert (one[name] - two[name]).abs().max() < 1e-5, name
     # AdamW hides a wrongly scaled gradient in the weights; the logged loss and pre-clip gradient norm do not
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 3
     for a, b in zip(*logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -120,12 +121,17 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tm
     for name in one:  # the same up to the order of float additions (2-process DDP differs as much)
         assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), name
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "fsdp")]
+    assert len(logs[0]) == len(logs[1]) == 4
     for a, b in zip(*logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     optimizers = [torch.load(tmp_path / run / "checkpoint-4" / "optimizer.pt") for run in ("one", "fsdp")]
     assert optimizers[0]["param_groups"] == optimizers[1]["param_groups"]  # the same layout, indexed alike
     assert optimizers[0]["state"].keys() == optimizers[1]["state"].keys()
+    for index, state in optimizers[0]["state"].items():  # each index holds the same parameter's moments
+        for moment in ("exp_avg", "exp_avg_sq"):
+            theirs = optimizers[1]["state"][index][moment]
+            assert torch.allclose(state[moment], theirs, rtol=1e-3, atol=1e-9), (index, moment)
 
     model = load_llava(str(tmp_path / "fsdp" / "model"))  # gathered from the shards
     state = model.state_dict()
@@ -137,7 +143,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tm
 
     torchrun(runs, *fsdp, "--out-dir", tmp_path / "resumed", "--max-steps", 2)  # the schedule still counts all steps
     out = torchrun(runs, *fsdp, "--out-dir", tmp_path / "resumed", "--resume", "true")
-    assert "resumed from" in out.stdout + out.stderr
+    assert "checkpoint-2 at step 2" in out.stdout + out.stderr  # resumed, not trained again from the start
     resumed = trainable(tmp_path / "resumed", 4)
     for name in two:
         assert torch.equal(two[name], resumed[name]), name  # bitwise
@@ -174,7 +180,7 @@ def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
     saved = sorted(n for n in os.listdir(tmp_path / "killed") if n.startswith("checkpoint-"))
     assert saved and saved[-1] != "checkpoint-8", saved  # really interrupted mid-run
     out = train(runs, *common, "--out-dir", tmp_path / "killed", "--resume", "true")
-    assert "resumed from" in out.stdout + out.stderr
+    assert f"{saved[-1]} at step {saved[-1].split('-')[1]}" in out.stdout + out.stderr  # not trained again from 0
     straight, resumed = trainable(tmp_path / "straight", 8), trainable(tmp_path / "killed", 8)
     assert straight.keys() == resumed.keys() and any(k.startswith("language_model.") for k in straight)
     for name in straight:
