@@ -127,7 +127,7 @@ def test_llava_batch_mixing_text_only_and_images_with_padding(llava_hf_dir):
     rows = [[1, 5, IMAGE_TOKEN_INDEX, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15], [1, IMAGE_TOKEN_INDEX, 20, 21,
                                                                                IMAGE_TOKEN_INDEX, 22]]
     images = pixels(3)
-    ref, mask = hf_logits(hf, rows, images)
+    ref, _ = hf_logits(hf, rows, images)
     ids, our_mask = our_batch(rows)
     with torch.no_grad():
         got = ours(ids, images, our_mask)
