@@ -7,6 +7,7 @@ Each run is a real `python train.py` subprocess. OMP_NUM_THREADS=1 keeps CPU ari
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,11 +143,18 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tm
         assert torch.equal(p, q), name  # frozen
 
     torchrun(runs, *fsdp, "--out-dir", tmp_path / "resumed", "--max-steps", 2)  # the schedule still counts all steps
+    shutil.copytree(tmp_path / "resumed", tmp_path / "resumed_by_one")
     out = torchrun(runs, *fsdp, "--out-dir", tmp_path / "resumed", "--resume", "true")
     assert "checkpoint-2 at step 2" in out.stdout + out.stderr  # resumed, not trained again from the start
     resumed = trainable(tmp_path / "resumed", 4)
     for name in two:
         assert torch.equal(two[name], resumed[name]), name  # bitwise
+    # the other engine: one plain process resumes FSDP's checkpoint and ends where the plain run ended
+    out = train(runs, *common, "--out-dir", tmp_path / "resumed_by_one", "--micro-batch", 4, "--resume", "true")
+    assert "checkpoint-2 at step 2" in out.stdout + out.stderr
+    resumed = trainable(tmp_path / "resumed_by_one", 4)
+    for name in one:
+        assert torch.allclose(one[name], resumed[name], rtol=0, atol=1e-5), name
 
 
 def test_packed_stage2_matches_unpacked(runs, stage1_model, tmp_path):
