@@ -281,7 +281,7 @@ def test_same_answer_as_transformers_on_a_llava_hf_checkpoint(toy_world, tokeniz
     config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**tiny_hf.CLIP).to_dict(),
                                       text_config=transformers.LlamaConfig(**text).to_dict(),
                                       image_token_index=image_token)
-    hf = tiny_hf.randomize(transformers.LlavaForConditionalGeneration(config), seed=2)
+    hf = tiny_hf.randomize(lambda: transformers.LlavaForConditionalGeneration(config), seed=2)
     only_words_win(hf.lm_head.weight, tokenizer)
     path = tmp_path / "llava-1.5-tiny-hf"  # a llava-hf name: the llava_v1 template
     hf.save_pretrained(path)

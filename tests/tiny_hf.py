@@ -16,9 +16,11 @@ IMAGE_TOKEN = 127  # transformers' image token id inside the tiny vocabulary
 N_IMAGE_TOKENS = (32 // 8) ** 2  # patches per image: the class token is dropped
 
 
-def randomize(model, seed=0):
-    """transformers' init (drawn after torch.manual_seed(seed) by the builders below, so that every run of the
-    tests sees the same model) plus seeded noise."""
+def randomize(build, seed=0):
+    """build() a transformers model after torch.manual_seed(seed), so that its own init is the same on every run,
+    then add seeded noise to every weight."""
+    torch.manual_seed(seed)
+    model = build()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -27,21 +29,18 @@ def randomize(model, seed=0):
 
 
 def hf_llama(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides})), seed)
+    return randomize(lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides})), seed)
 
 
 def hf_clip(seed=0):
-    torch.manual_seed(seed)
-    return randomize(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)), seed)
+    return randomize(lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)), seed)
 
 
 def hf_llava(seed=0):
-    torch.manual_seed(seed)
     config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**CLIP).to_dict(),
                                       text_config=transformers.LlamaConfig(**LLAMA).to_dict(),
                                       image_token_index=IMAGE_TOKEN)
-    return randomize(transformers.LlavaForConditionalGeneration(config), seed)
+    return randomize(lambda: transformers.LlavaForConditionalGeneration(config), seed)
 
 
 def expand_image_tokens(ids):
