@@ -71,6 +71,16 @@ def trainable(out_dir, step):
     return load_file(os.path.join(out_dir, f"checkpoint-{step}", "trainable.safetensors"))
 
 
+def assert_same_log(run_a, run_b, steps):
+    """Both runs logged every step with the same loss and pre-clip gradient norm. AdamW hides a wrongly scaled
+    gradient in the weights; these two do not."""
+    logs = [[json.loads(line) for line in open(run / "log.jsonl")] for run in (run_a, run_b)]
+    assert len(logs[0]) == len(logs[1]) == steps
+    for a, b in zip(*logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
 def test_stage1_trains_only_the_projector_and_the_loss_falls(runs, tmp_path):
     out = tmp_path / "s1"
     train(runs, "--stage", 1, "--out-dir", out, "--global-batch", 8, "--micro-batch", 8, "--max-steps", 16,
@@ -98,12 +108,7 @@ def test_two_process_ddp_matches_one_process(runs, tmp_path):
     assert one.keys() == two.keys()
     for name in one:  # the same up to the order of float additions in the gradient all-reduce
         assert (one[name] - two[name]).abs().max() < 1e-5, name
-    # AdamW hides a wrongly scaled gradient in the weights; the logged loss and pre-clip gradient norm do not
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
-    assert len(logs[0]) == len(logs[1]) == 3
-    for a, b in zip(*logs):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert_same_log(tmp_path / "one", tmp_path / "two", 3)
 
 
 def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tmp_path):
@@ -121,11 +126,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tm
     assert one.keys() == two.keys() and any(k.startswith("language_model.layers.") for k in one)
     for name in one:  # the same up to the order of float additions (2-process DDP differs as much)
         assert torch.allclose(one[name], two[name], rtol=0, atol=1e-5), name
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "fsdp")]
-    assert len(logs[0]) == len(logs[1]) == 4
-    for a, b in zip(*logs):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert_same_log(tmp_path / "one", tmp_path / "fsdp", 4)
     optimizers = [torch.load(tmp_path / run / "checkpoint-4" / "optimizer.pt") for run in ("one", "fsdp")]
     assert optimizers[0]["param_groups"] == optimizers[1]["param_groups"]  # the same layout, indexed alike
     assert optimizers[0]["state"].keys() == optimizers[1]["state"].keys()
@@ -167,11 +168,7 @@ def test_packed_stage2_matches_unpacked(runs, stage1_model, tmp_path):
     assert plain.keys() == packed.keys() and any(k.startswith("language_model.layers.") for k in plain)
     for name in plain:
         assert (plain[name] - packed[name]).abs().max() < 1e-5, name
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("plain", "packed")]
-    assert len(logs[0]) == len(logs[1]) == 3
-    for a, b in zip(*logs):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert_same_log(tmp_path / "plain", tmp_path / "packed", 3)
     assert json.load(open(tmp_path / "packed" / "model" / "train_config.json"))["pack"] is True
 
 
