@@ -754,8 +754,8 @@ def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: in
 
     images/: train_*.png (stage 1 and 2) and eval_*.png (held out: no eval scene repeats a training scene);
     stage1.json: blip_laion_cc_sbu_558k-style captions; stage2.json: mix665k-style chats, some text-only and some with
-    two images; eval.jsonl: 3 one-word questions per eval image, in the official eval format plus `category` and
-    `answer`; tokenizer.json: see _train_tokenizer."""
+    two images; eval.jsonl: 3 one-word questions per eval image, in the official eval format plus `category`,
+    `answer` and `objects` (how many the scene holds); tokenizer.json: see _train_tokenizer."""
     paths, rng = _toy_paths(Path(root)), random.Random(seed)
     paths["images"].mkdir(parents=True, exist_ok=True)
     train = [_scene(rng) for _ in range(n_train_images)]
@@ -779,7 +779,8 @@ def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: in
             category = EVAL_CATEGORIES[(3 * i + j) % len(EVAL_CATEGORIES)]
             question, answer, _ = _question(scene, category, rng)
             evaluation.append(dict(question_id=len(evaluation), image=f"eval_{i:05d}.png",
-                                   text=question + SHORT_ANSWER, category=category, answer=answer))
+                                   text=question + SHORT_ANSWER, category=category, answer=answer,
+                                   objects=len(scene["objects"])))
     paths["stage1"].write_text(json.dumps(stage1, indent=1))
     paths["stage2"].write_text(json.dumps(stage2, indent=1))
     paths["eval"].write_text("".join(json.dumps(q) + "\n" for q in evaluation))

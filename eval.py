@@ -657,22 +657,29 @@ def toy_normalize(text):
 
 
 def score_toy(answers, questions):
-    """questions: the toy world's eval.jsonl records (question_id, category, answer). A question without an answer
-    (its image could not be read) is wrong. Categories are listed in the order they first appear."""
+    """questions: the toy world's eval.jsonl records (question_id, category, answer, and objects where the world
+    has it). A question without an answer (its image could not be read) is wrong. Categories are listed in the order
+    they first appear. `by_objects` splits the questions by how many objects their scene holds: a question about one
+    of several objects needs the model to bind the object to its attributes, which one-object scenes never test."""
     by_id = _by_key(answers, lambda a: a["question_id"])
     known = {q["question_id"] for q in questions}
     for question_id in by_id:
         if question_id not in known:
             raise _unknown(question_id)
-    hits = defaultdict(list)
+    hits, by_objects = defaultdict(list), defaultdict(list)
     for question in questions:
         answer = by_id.get(question["question_id"])
-        hits[question["category"]].append(
-            answer is not None and toy_normalize(answer["text"]) == toy_normalize(question["answer"]))
+        hit = answer is not None and toy_normalize(answer["text"]) == toy_normalize(question["answer"])
+        hits[question["category"]].append(hit)
+        by_objects[question.get("objects")].append(hit)
     every = [hit for category_hits in hits.values() for hit in category_hits]
-    return {"accuracy": _percent(every), "right": sum(every), "questions": len(every),
-            "by_category": {category: {"accuracy": _percent(h), "right": sum(h), "questions": len(h)}
-                            for category, h in hits.items()}}
+
+    def row(h):
+        return {"accuracy": _percent(h), "right": sum(h), "questions": len(h)}
+    report = {**row(every), "by_category": {category: row(h) for category, h in hits.items()}}
+    if None not in by_objects:  # worlds made before `objects` was recorded have no split
+        report["by_objects"] = {n: row(by_objects[n]) for n in sorted(by_objects)}
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -792,12 +799,16 @@ def format_report(title, report):
 
 
 def format_toy_table(report):
-    """score_toy's dict as a table: one row per category, then the overall row."""
+    """score_toy's dict as a table: one row per category, then the overall row, then (where the world records it)
+    one row per scene size."""
     rows = [(name, row) for name, row in report["by_category"].items()] + [("overall", report)]
-    width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{'category':<{width}}{'right':>7}{'questions':>11}{'accuracy':>10}"]
-    lines += [f"{name:<{width}}{row['right']:>7}{row['questions']:>11}{row['accuracy']:>10.2f}" for name, row in rows]
-    return "\n".join(lines)
+    sizes = [(f"{n} object{'s' * (n != 1)}", row) for n, row in report.get("by_objects", {}).items()]
+    width = max(len(name) for name, _ in rows + sizes + [("scene of", None)]) + 2
+
+    def lines(header, rows):
+        return [f"{header:<{width}}{'right':>7}{'questions':>11}{'accuracy':>10}"] + [
+            f"{name:<{width}}{row['right']:>7}{row['questions']:>11}{row['accuracy']:>10.2f}" for name, row in rows]
+    return "\n".join(lines("category", rows) + ([""] + lines("scene of", sizes) if sizes else []))
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 

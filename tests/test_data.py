@@ -351,6 +351,9 @@ def test_default_toy_world(tmp_path, capsys):
     for q in questions:
         assert q["answer"] in answers[q["category"]] and q["text"].endswith(SHORT_ANSWER)
         assert (paths["images"] / q["image"]).exists()
+        assert q["objects"] in (1, 2, 3) and (q["category"] != "count" or q["answer"] == str(q["objects"]))
+    assert {q["objects"] for q in questions} == {1, 2, 3}
+    assert len({q["objects"] for q in questions if q["image"] == "eval_00007.png"}) == 1  # one scene, one size
     assert {q["category"] for q in questions} == set(answers)
     assert abs(sum(q["answer"] == "yes" for q in questions) - sum(q["answer"] == "no" for q in questions)) < 20
     trained_on = {f for r in stage1 + stage2 for f in ([r["image"]] if isinstance(r.get("image"), str)

@@ -211,10 +211,10 @@ def test_malformed_question_line_exits_2_naming_it(runs, tmp_path, capsys, bad_l
 # the toy evaluation: python eval.py
 
 def test_score_toy_exact_match_after_light_normalization():
-    questions = [dict(question_id=0, category="colour", answer="yellow"),
-                 dict(question_id=1, category="colour", answer="red"),
-                 dict(question_id=2, category="count", answer="2"),
-                 dict(question_id=3, category="count", answer="3")]
+    questions = [dict(question_id=0, category="colour", answer="yellow", objects=3),
+                 dict(question_id=1, category="colour", answer="red", objects=1),
+                 dict(question_id=2, category="count", answer="2", objects=2),
+                 dict(question_id=3, category="count", answer="3", objects=3)]
     answers = [dict(question_id=0, text=" Yellow. "),  # case, space and the trailing period don't count
                dict(question_id=1, text="red circle"),  # anything more does
                dict(question_id=2, text="2.")]  # question 3 has no answer (its image failed): wrong
@@ -222,6 +222,16 @@ def test_score_toy_exact_match_after_light_normalization():
     assert report["by_category"] == {"colour": {"accuracy": 50.0, "right": 1, "questions": 2},
                                      "count": {"accuracy": 50.0, "right": 1, "questions": 2}}
     assert (report["right"], report["questions"], report["accuracy"]) == (2, 4, 50.0)
+    assert report["by_objects"] == {1: {"accuracy": 0.0, "right": 0, "questions": 1},
+                                    2: {"accuracy": 100.0, "right": 1, "questions": 1},
+                                    3: {"accuracy": 50.0, "right": 1, "questions": 2}}
+    assert [line.split() for line in eval.format_toy_table(report).splitlines()[-4:]] == [
+        ["scene", "of", "right", "questions", "accuracy"], ["1", "object", "0", "1", "0.00"],
+        ["2", "objects", "1", "1", "100.00"], ["3", "objects", "1", "2", "50.00"]]
+    # a world written before questions recorded their scene's size: no split, and no empty rows
+    old_world = [{k: v for k, v in q.items() if k != "objects"} for q in questions]
+    assert "by_objects" not in eval.score_toy(answers, old_world)
+    assert eval.format_toy_table(eval.score_toy(answers, old_world)).splitlines()[-1].startswith("overall")
 
 
 def test_bare_eval_runs_the_toy_evaluation_of_latest(runs, tmp_path):
@@ -249,16 +259,18 @@ def test_bare_eval_runs_the_toy_evaluation_of_latest(runs, tmp_path):
     expected = {}
     for q in questions:
         right = answers[q["question_id"]].strip().lower().rstrip(".") == q["answer"].strip().lower().rstrip(".")
-        for row in (q["category"], "overall"):
+        for row in (q["category"], "overall", str(q["objects"])):
             expected.setdefault(row, [0, 0])
             expected[row][0] += right
             expected[row][1] += 1
     assert expected["overall"][0] >= 6
     table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
              if line.split() and line.split()[0] in expected}
-    assert list(table) == ["colour", "shape", "count", "position", "yes_no", "overall"]
+    sizes = sorted({str(q["objects"]) for q in questions})
+    assert len(sizes) > 1 and list(table) == ["colour", "shape", "count", "position", "yes_no", "overall"] + sizes
     for row, (right, total) in expected.items():
-        assert table[row] == [str(right), str(total), f"{100 * right / total:.2f}"]
+        name = ["object" if row == "1" else "objects"] if row.isdigit() else []  # "2 objects  right ..."
+        assert table[row] == name + [str(right), str(total), f"{100 * right / total:.2f}"]
 
 
 def test_bare_eval_without_a_trained_model_says_how_to_train_one(tmp_path, capsys):
