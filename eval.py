@@ -17,7 +17,9 @@ one line {"question_id", "prompt" (the question's text), "text" (decoded, specia
     torchrun (rank 0 merges the ranks' files in question order).
 
 The toy evaluation asks the toy world's eval.jsonl (data.make_toy_world) and counts exact matches with the ground
-truth after light normalization (toy_normalize: surrounding space, case and trailing periods don't count).
+truth after light normalization (toy_normalize: surrounding space, case and trailing periods don't count), by
+category and by how many objects the question's scene holds (one-object scenes never test binding an object to its
+attributes).
 
 The answers file is scored by pure functions of its records and of the ground truth as the benchmark ships it, each
 reproducing one official script:
