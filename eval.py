@@ -803,14 +803,14 @@ def format_report(title, report):
 def format_toy_table(report):
     """score_toy's dict as a table: one row per category, then the overall row, then (where the world records it)
     one row per scene size."""
-    rows = [(name, row) for name, row in report["by_category"].items()] + [("overall", report)]
-    sizes = [(f"{n} object{'s' * (n != 1)}", row) for n, row in report.get("by_objects", {}).items()]
-    width = max(len(name) for name, _ in rows + sizes + [("scene of", None)]) + 2
-
-    def lines(header, rows):
-        return [f"{header:<{width}}{'right':>7}{'questions':>11}{'accuracy':>10}"] + [
-            f"{name:<{width}}{row['right']:>7}{row['questions']:>11}{row['accuracy']:>10.2f}" for name, row in rows]
-    return "\n".join(lines("category", rows) + ([""] + lines("scene of", sizes) if sizes else []))
+    sections = [("category", [*report["by_category"].items(), ("overall", report)])]
+    if "by_objects" in report:
+        sections.append(("scene of", [(f"{n} object{'s' * (n != 1)}", row) for n, row in report["by_objects"].items()]))
+    width = max(len(name) for header, rows in sections for name in [header] + [name for name, _ in rows]) + 2
+    return "\n\n".join("\n".join(
+        [f"{header:<{width}}{'right':>7}{'questions':>11}{'accuracy':>10}"]
+        + [f"{name:<{width}}{row['right']:>7}{row['questions']:>11}{row['accuracy']:>10.2f}" for name, row in rows])
+        for header, rows in sections)
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 

@@ -8,6 +8,7 @@ import random
 import shutil
 import struct
 import zlib
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -353,7 +354,10 @@ def test_default_toy_world(tmp_path, capsys):
         assert (paths["images"] / q["image"]).exists()
         assert q["objects"] in (1, 2, 3) and (q["category"] != "count" or q["answer"] == str(q["objects"]))
     assert {q["objects"] for q in questions} == {1, 2, 3}
-    assert len({q["objects"] for q in questions if q["image"] == "eval_00007.png"}) == 1  # one scene, one size
+    sizes_by_image = defaultdict(set)  # one scene per image, so one size per image
+    for q in questions:
+        sizes_by_image[q["image"]].add(q["objects"])
+    assert len(sizes_by_image) == 100 and all(len(sizes) == 1 for sizes in sizes_by_image.values())
     assert {q["category"] for q in questions} == set(answers)
     assert abs(sum(q["answer"] == "yes" for q in questions) - sum(q["answer"] == "no" for q in questions)) < 20
     trained_on = {f for r in stage1 + stage2 for f in ([r["image"]] if isinstance(r.get("image"), str)
