@@ -172,6 +172,28 @@ def test_packed_stage2_matches_unpacked(runs, stage1_model, tmp_path):
     assert json.load(open(tmp_path / "packed" / "model" / "train_config.json"))["pack"] is True
 
 
+def test_bf16_mixed_precision_follows_fp32(runs, stage1_model, tmp_path):
+    """The GPU recipe's precision, run on the CPU (`--dtype bf16`; CUDA's default): the frozen tower held in bf16,
+    the trainable LLM and projector kept as fp32 master weights that fused AdamW updates, the compute under bf16
+    autocast. Its losses track the fp32 run's to within bf16 rounding, and differ from them (autocast is on)."""
+    common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 8, "--micro-batch", 4, "--max-steps", 4,
+              "--save-every", 100]
+    for dtype in ("fp32", "bf16"):
+        train(runs, *common, "--out-dir", tmp_path / dtype, "--dtype", dtype)
+    logs = [[json.loads(line) for line in open(tmp_path / dtype / "log.jsonl")] for dtype in ("fp32", "bf16")]
+    assert len(logs[0]) == len(logs[1]) == 4
+    for full, mixed in zip(*logs):
+        assert mixed["loss"] == pytest.approx(full["loss"], rel=0.01)
+        assert mixed["grad_norm"] == pytest.approx(full["grad_norm"], rel=0.03)
+    assert [r["loss"] for r in logs[0]] != [r["loss"] for r in logs[1]]
+    masters = trainable(tmp_path / "bf16", 4)
+    assert any(k.startswith("language_model.layers.") for k in masters)
+    assert {t.dtype for t in masters.values()} == {torch.float32}
+    tower = load_file(str(next((tmp_path / "bf16" / "model").glob("*.safetensors"))))
+    tower = {k: t for k, t in tower.items() if "vision_tower" in k}
+    assert tower and {t.dtype for t in tower.values()} == {torch.bfloat16}
+
+
 def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
     common = ["--stage", 2, "--projector", "", "--global-batch", 8, "--micro-batch", 4, "--max-steps", 8,
               "--save-every", 2]
