@@ -223,8 +223,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per answer (default 512)")
     p.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 on cuda, fp32 on cpu (the names train.py and eval.py take)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -235,8 +235,8 @@ def parse_args(argv=None):
         p.error(f"--device: {e}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device: no CUDA device here")
-    args.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
-        torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or \
+        (torch.bfloat16 if args.device.type == "cuda" else torch.float32)
     return args
 
 

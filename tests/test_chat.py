@@ -134,6 +134,19 @@ def test_scripted_answers_equal_from_scratch_generation(ours, tokenizer, images)
     assert reference_answers(model, tokenizer, images[::-1], [Q1])[0] != answers[0]
 
 
+def test_bf16_answers_equal_from_scratch_bf16_generation(ours, tokenizer, images):
+    """`--dtype bf16`, the default on a GPU, run on the CPU: the weights and the KV cache kept across turns are
+    bf16, and the answers are the ones a bf16 model gives recomputing each turn from scratch."""
+    path, _ = ours
+    model = load_llava(path, dtype=torch.bfloat16)
+    answers = reference_answers(model, tokenizer, images, [Q1, Q2])
+    result = run_chat(*images, "--model", path, "-p", Q1, "-p", Q2, "--temperature", 0, "--max-new-tokens", MAX_NEW,
+                      "--dtype", "bf16", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == answers[0] + "\n" + answers[1] + "\n"
+    assert chat.parse_args([*images, "--dtype", "bf16", "--device", "cpu"]).dtype == torch.bfloat16
+
+
 def test_second_turn_prefills_only_the_new_tokens(ours, tokenizer, images, monkeypatch):
     _, model = ours
     lm = model.language_model
