@@ -465,6 +465,15 @@ def flops_per_token(model, cfg) -> float:
     return 4 * n_llm + 2 * n_trainable
 
 
+# dense bf16 peak FLOP/s of one GPU (NVIDIA datasheets), for MFU; the first name contained in the device's name wins
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """None for a GPU not listed: no MFU is logged rather than a wrong one."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_name), None)
+
+
 def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     tokenizer = load_tokenizer(cfg.llm)
     model = build_model(cfg, device, dtype)
@@ -510,6 +519,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     bar = tqdm(total=end_step, initial=start_step, desc=f"stage {cfg.stage}", disable=rank != 0)
     per_rank = cfg.global_batch // world
     step, flops_token = start_step, flops_per_token(model, cfg)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     while step < end_step:
         epoch, offset = divmod(step, steps_per_epoch)
         # this rank's micro-batches for the rest of the epoch: its slice of each global batch
@@ -567,16 +577,19 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
             dt = time.time() - t0
             record = dict(step=step, loss=stats[1].item() / n_global, lr=optimizer.param_groups[0]["lr"],
                           grad_norm=grad_norm.item(), tokens_per_s=stats[2].item() / dt, skipped=skipped)
+            postfix = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                           tok_s=f"{record['tokens_per_s']:.0f}")
             if device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                # tokens counted before splicing; each image adds num_image_tokens - 1 more positions per sample
-                record["mfu"] = flops_token * stats[2].item() / dt / (world * 989e12)  # H100 bf16 dense peak
+                postfix["mem"] = f"{record['peak_mem_gb']:.1f}GB"
+            if peak:  # tokens counted before splicing; each image adds num_image_tokens - 1 more positions per sample
+                record["mfu"] = flops_token * stats[2].item() / dt / (world * peak)
+                postfix["mfu"] = f"{record['mfu']:.1%}"
             if rank == 0:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 bar.update()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(postfix)
             if step % cfg.save_every == 0 and step < end_step:
                 save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     bar.close()

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from data import make_toy_world
 from model import load_clip, load_llama, load_llava
+from train import peak_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -270,3 +271,12 @@ def test_epochs_of_modality_grouped_batches_run_to_the_end(runs, tmp_path):
     per_epoch = len(global_batches(dataset, cfg, epoch=0))
     assert per_epoch == len(dataset) // 10
     assert len(open(out / "log.jsonl").readlines()) == 2 * per_epoch
+
+
+def test_mfu_peak_follows_the_gpu_model():
+    """MFU divides by the GPU's own dense bf16 peak: the PCIe H100 is slower than the SXM one, and a GPU not in the
+    table gets no MFU rather than one computed against an H100."""
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("Tesla T4") is None
