@@ -1,8 +1,10 @@
-"""Shared fixtures: the real LLaMA-2 tokenizer and a small toy world, each made once per test session."""
+"""Shared fixtures: the real LLaMA-2 tokenizer and a small toy world, each made once per test session, and the devices
+a test runs on."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -19,3 +21,10 @@ def toy_world(tmp_path_factory):
     from data import make_toy_world
     return make_toy_world(tmp_path_factory.mktemp("toy_world"), n_train_images=60, n_stage1=60, n_stage2=120,
                           n_eval_images=10)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                               reason="needs a CUDA GPU"))])
+def device(request):
+    """A test taking `device` runs on the CPU, and again on CUDA where there is a GPU."""
+    return request.param

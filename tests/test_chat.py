@@ -79,7 +79,7 @@ def ours(toy_world, tokenizer, images, tmp_path_factory):
 def pixels(model, paths):
     config = model.config
     return torch.stack([preprocess_image(open_image(p), config.vision.image_size, config.image_aspect_ratio)
-                        for p in paths])
+                        for p in paths]).to(model.language_model.embed_tokens.weight.device)
 
 
 def reference_answers(model, tokenizer, image_paths, questions, template="vicuna_v1"):
@@ -134,17 +134,17 @@ def test_scripted_answers_equal_from_scratch_generation(ours, tokenizer, images)
     assert reference_answers(model, tokenizer, images[::-1], [Q1])[0] != answers[0]
 
 
-def test_bf16_answers_equal_from_scratch_bf16_generation(ours, tokenizer, images):
-    """`--dtype bf16`, the default on a GPU, run on the CPU: the weights and the KV cache kept across turns are
+def test_bf16_answers_equal_from_scratch_bf16_generation(ours, tokenizer, images, device):
+    """`--dtype bf16`, the default on a GPU, also run on the CPU: the weights and the KV cache kept across turns are
     bf16, and the answers are the ones a bf16 model gives recomputing each turn from scratch."""
     path, _ = ours
-    model = load_llava(path, dtype=torch.bfloat16)
+    model = load_llava(path, dtype=torch.bfloat16, device=device)
     answers = reference_answers(model, tokenizer, images, [Q1, Q2])
     result = run_chat(*images, "--model", path, "-p", Q1, "-p", Q2, "--temperature", 0, "--max-new-tokens", MAX_NEW,
-                      "--dtype", "bf16", "--device", "cpu")
+                      "--dtype", "bf16", "--device", device)
     assert result.returncode == 0, result.stderr
     assert result.stdout == answers[0] + "\n" + answers[1] + "\n"
-    assert chat.parse_args([*images, "--dtype", "bf16", "--device", "cpu"]).dtype == torch.bfloat16
+    assert chat.parse_args([*images, "--dtype", "bf16", "--device", device]).dtype == torch.bfloat16
 
 
 def test_second_turn_prefills_only_the_new_tokens(ours, tokenizer, images, monkeypatch):

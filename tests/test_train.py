@@ -173,12 +173,12 @@ def test_packed_stage2_matches_unpacked(runs, stage1_model, tmp_path):
     assert json.load(open(tmp_path / "packed" / "model" / "train_config.json"))["pack"] is True
 
 
-def test_bf16_mixed_precision_follows_fp32(runs, stage1_model, tmp_path):
-    """The GPU recipe's precision, run on the CPU (`--dtype bf16`; CUDA's default): the frozen tower held in bf16,
-    the trainable LLM and projector kept as fp32 master weights that fused AdamW updates, the compute under bf16
-    autocast. Its losses track the fp32 run's to within bf16 rounding, and differ from them (autocast is on)."""
+def test_bf16_mixed_precision_follows_fp32(runs, stage1_model, tmp_path, device):
+    """The GPU recipe's precision (`--dtype bf16`, CUDA's default), also run on the CPU: the frozen tower held in
+    bf16, the trainable LLM and projector kept as fp32 master weights that fused AdamW updates, the compute under
+    bf16 autocast. Its losses track the fp32 run's to within bf16 rounding, and differ from them (autocast is on)."""
     common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 8, "--micro-batch", 4, "--max-steps", 4,
-              "--save-every", 100]
+              "--save-every", 100, "--device", device]
     for dtype in ("fp32", "bf16"):
         train(runs, *common, "--out-dir", tmp_path / dtype, "--dtype", dtype)
     logs = [[json.loads(line) for line in open(tmp_path / dtype / "log.jsonl")] for dtype in ("fp32", "bf16")]
@@ -193,6 +193,10 @@ def test_bf16_mixed_precision_follows_fp32(runs, stage1_model, tmp_path):
     tower = load_file(str(next((tmp_path / "bf16" / "model").glob("*.safetensors"))))
     tower = {k: t for k, t in tower.items() if "vision_tower" in k}
     assert tower and {t.dtype for t in tower.values()} == {torch.bfloat16}
+    if device == "cuda":  # peak memory always, MFU on the GPUs whose peak train.py knows
+        assert all(r["peak_mem_gb"] > 0 for r in logs[1])
+        if peak_flops(torch.cuda.get_device_name()):
+            assert all(0 < r["mfu"] < 1 for r in logs[1])
 
 
 def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
