@@ -17,7 +17,8 @@ plain HF directories, exactly like the real recipe.
         --projector runs/stage1/model --data llava_v1_5_mix665k.json --image-folder playground/data
 
 Every stage ends by writing `<out_dir>/model` (llava-hf layout, loadable by transformers, chat.py and eval.py) and
-pointing `<runs_dir>/LATEST` at it. Only rank 0 prints and writes.
+pointing `<runs_dir>/LATEST` at it. Only rank 0 prints and writes. An out_dir that holds an earlier run's
+checkpoints takes `--resume true` (continue it) or `--overwrite true` (start afresh).
 """
 
 import argparse
@@ -88,6 +89,7 @@ class TrainConfig:
     dtype: str = "auto"  # bf16 on cuda, fp32 on cpu
     save_every: int = 1000  # optimizer steps between resumable checkpoints
     resume: bool = False  # continue from the latest checkpoint in out_dir
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run's checkpoints (they are removed)
     max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = the full schedule
     # stage 0 (toy only)
     lm_steps: int = 250
@@ -369,9 +371,11 @@ def full_state(cfg, model, trainable: dict, optimizer):
 def save_checkpoint(cfg, step, model, trainable: dict, optimizer, skipped: int, rank: int):
     """Every rank calls this (FSDP gathers the shards from all of them); rank 0 writes."""
     from safetensors.torch import save_file
+    final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
+    if os.path.isdir(final):  # a finished run resumed: its last step is saved already
+        return
     weights, optimizer_state = full_state(cfg, model, trainable, optimizer)
     if rank == 0:
-        final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
         tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -387,6 +391,42 @@ def save_checkpoint(cfg, step, model, trainable: dict, optimizer, skipped: int, 
             shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
+
+
+def start_afresh(cfg, rank: int):
+    """A run without --resume must not share its out_dir with an earlier run's checkpoints: a later --resume would
+    mix the two. Stop with what to do, or with --overwrite remove them."""
+    earlier = checkpoint_dirs(cfg.out_dir)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 removes anything
+    if not earlier:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"{cfg.out_dir} holds {os.path.basename(earlier[-1])} of an earlier run: --resume true "
+                         f"continues it, --overwrite true starts afresh (or choose another --out-dir)")
+    if rank == 0:
+        log(rank, f"--overwrite: removing the earlier run's {os.path.basename(earlier[-1])} from {cfg.out_dir}")
+        for path in earlier:
+            shutil.rmtree(path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def open_log(path: str, start_step: int):
+    """The run's JSONL log: a fresh run starts it anew; a resumed one keeps the steps up to its checkpoint (an
+    interrupted run may have logged a few more, which are trained again)."""
+    kept = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except ValueError:  # a line cut short by the kill
+                    pass
+    log_file = open(path, "w")
+    log_file.writelines(kept)
+    return log_file
 
 
 def load_checkpoint(path, model, trainable: dict, optimizer, fsdp: bool):
@@ -514,7 +554,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
               f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M of "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    log_file = open_log(os.path.join(cfg.out_dir, "log.jsonl"), start_step) if rank == 0 else None
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=end_step, initial=start_step, desc=f"stage {cfg.stage}", disable=rank != 0)
     per_rank = cfg.global_batch // world
@@ -625,6 +665,8 @@ def main(argv=None):
     rank, world, device, dtype = setup_distributed(cfg)
     if cfg.fsdp and not dist.is_initialized():  # before anything is loaded or trained
         raise SystemExit("--fsdp shards over the ranks of a torchrun launch")
+    if cfg.stage in (1, 2) and not cfg.resume:
+        start_afresh(cfg, rank)
     torch.manual_seed(cfg.seed)
     toy = cfg.llm == toy_paths(cfg)["llm"]
     if cfg.stage == 0 or (toy and not os.path.exists(os.path.join(cfg.vision_tower, "config.json"))):

@@ -217,6 +217,28 @@ def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
     assert straight.keys() == resumed.keys() and any(k.startswith("language_model.") for k in straight)
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name  # bitwise
+    assert_same_log(tmp_path / "straight", tmp_path / "killed", 8)  # steps logged after checkpoint-4 not twice
+
+
+def test_a_second_run_into_the_same_out_dir_stops_unless_told(runs, tmp_path):
+    """Its checkpoints would mix with the first run's: it stops before any work and says what to do; --overwrite
+    starts afresh, --resume true on a finished run only saves its model again."""
+    common = ["--stage", 1, "--out-dir", tmp_path / "s1", "--global-batch", 8, "--micro-batch", 8, "--max-steps", 2]
+    train(runs, *common)
+    first = trainable(tmp_path / "s1", 2)
+    out = train(runs, *common, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "checkpoint-2 of an earlier run" in out.stderr and "--resume true" in out.stderr
+    assert "--overwrite true" in out.stderr
+    assert torch.equal(trainable(tmp_path / "s1", 2)["multi_modal_projector.linear_1.weight"],
+                       first["multi_modal_projector.linear_1.weight"])  # untouched
+    out = train(runs, *common, "--overwrite", "true", "--lr", 5e-3)
+    assert "removing the earlier run's checkpoint-2" in out.stdout + out.stderr
+    assert len(open(tmp_path / "s1" / "log.jsonl").readlines()) == 2  # a new log, not appended to
+    assert not torch.equal(trainable(tmp_path / "s1", 2)["multi_modal_projector.linear_1.weight"],
+                           first["multi_modal_projector.linear_1.weight"])  # trained again, at the new lr
+    out = train(runs, *common, "--resume", "true")
+    assert "at step 2" in out.stdout + out.stderr and "stage 1 done: 2 steps" in out.stdout + out.stderr
 
 
 def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
