@@ -371,11 +371,9 @@ def full_state(cfg, model, trainable: dict, optimizer):
 def save_checkpoint(cfg, step, model, trainable: dict, optimizer, skipped: int, rank: int):
     """Every rank calls this (FSDP gathers the shards from all of them); rank 0 writes."""
     from safetensors.torch import save_file
-    final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
-    if os.path.isdir(final):  # a finished run resumed: its last step is saved already
-        return
     weights, optimizer_state = full_state(cfg, model, trainable, optimizer)
     if rank == 0:
+        final = os.path.join(cfg.out_dir, f"checkpoint-{step}")
         tmp = os.path.join(cfg.out_dir, f".tmp-checkpoint-{step}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -636,7 +634,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     if log_file:
         log_file.close()
     skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
-    save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
+    if step > start_step:  # a finished run resumed has its last checkpoint already
+        save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     plain = gather_model(model) if cfg.fsdp else model
     if rank == 0:
         final = os.path.join(cfg.out_dir, "model")
