@@ -38,7 +38,7 @@ except ImportError:
 from clip import preprocess_image
 from data import CONV_TEMPLATES, IMAGE_MARKER, DataError, conv_mode_for, load_tokenizer, open_image, render, \
     tokenize_prompt
-from model import IMAGE_TOKEN_INDEX, CheckpointError, load_llava
+from model import DTYPES, IMAGE_TOKEN_INDEX, CheckpointError, load_llava
 
 LATEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "LATEST")  # written by train.py
 COMMANDS = "commands: /image PATH [PATH ...] (a new conversation about other images), /reset, /quit"
@@ -223,7 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per answer (default 512)")
     p.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="auto: bf16 on cuda, fp32 on cpu (the names train.py and eval.py take)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -235,8 +235,8 @@ def parse_args(argv=None):
         p.error(f"--device: {e}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device: no CUDA device here")
-    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or \
-        (torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    args.dtype = (torch.bfloat16 if args.device.type == "cuda" else torch.float32) if args.dtype == "auto" else \
+        DTYPES[args.dtype]
     return args
 
 

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from clip import preprocess_image
 from data import (CONV_TEMPLATES, IMAGE_MARKER, DataError, ensure_toy_world, load_tokenizer, open_image, render,
                   tokenize_prompt)
-from model import CheckpointError, load_llava
+from model import DTYPES, CheckpointError, load_llava
 
 REPO = Path(__file__).resolve().parent
 
@@ -205,7 +205,7 @@ def resolve_device(name):
 def resolve_dtype(name, device):
     if name == "auto":  # the official runners load the model in float16
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def run_generation(args, model_dir, questions, image_folder, answers_file, num_chunks=1, chunk_idx=0, resume=True):
@@ -865,7 +865,7 @@ def add_generation_options(parser, defaults=True):
     parser.add_argument("--top-p", type=float, default=default(1.0), help="nucleus sampling (default: 1, off)")
     parser.add_argument("--device", default=default("auto"),
                         help="auto (default: the GPU if there is one), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default=default("auto"), choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--dtype", default=default("auto"), choices=["auto", *DTYPES],
                         help="default: auto, fp16 on a GPU (as the official runners) and fp32 on the CPU")
 
 

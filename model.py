@@ -392,6 +392,9 @@ def _clip_text_tower(key: str) -> bool:
     return key.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale"))
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the --dtype names of the scripts
+
+
 def _target(dtype, device):
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")

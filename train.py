@@ -45,7 +45,7 @@ from clip import CLIPVisionConfig, CLIPVisionTower, preprocess_image
 from data import (BOS_ID, CONV_TEMPLATES, SHAPES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate,
                   ensure_toy_world, load_tokenizer, open_image)
 from llama import Llama, LlamaConfig
-from model import IGNORE_INDEX, Llava, load_base, load_projector, save_clip, save_llama, save_llava
+from model import DTYPES, IGNORE_INDEX, Llava, load_base, load_projector, save_clip, save_llama, save_llava
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -164,8 +164,7 @@ def setup_distributed(cfg: TrainConfig):
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # official --tf32 True
-    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32,
-             "fp16": torch.float16}[cfg.dtype]
+    dtype = (torch.bfloat16 if cuda else torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     return rank, world, device, dtype
 
 
