@@ -193,17 +193,19 @@ def bench_training(ours, theirs, args, device, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="llava-v1.5-7b (default on a GPU) or tiny (default on a CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda if available, else cpu")
     parser.add_argument("--prompt-tokens", type=int, default=48, help="text tokens around the image")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (32 on a CPU)")
     parser.add_argument("--batch", type=int, default=8, help="the second decode batch size")
     parser.add_argument("--train-positions", type=int, default=None, help="default 700 (128 on a CPU)")
     parser.add_argument("--stage1-batch", type=int, default=None, help="default 16 (4 on a CPU)")
     parser.add_argument("--stage2-batch", type=int, default=None, help="default 8 (4 on a CPU)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each measure, after a warm-up "
+                        "(the median is reported; default 3)")
     parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                         help="compile our decode step (default: on a GPU)")
-    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="measure only generation")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

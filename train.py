@@ -46,6 +46,7 @@ from data import (BOS_ID, CONV_TEMPLATES, SHAPES, LazySupervisedDataset, Modalit
                   ensure_toy_world, load_tokenizer, open_image)
 from llama import Llama, LlamaConfig
 from model import DTYPES, IGNORE_INDEX, Llava, load_base, load_projector, save_clip, save_llama, save_llava
+from projector import projector_depth
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,47 +54,56 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # configuration: dataclass defaults, then the stage's official values, then the toy's, then the command line
 
 
+def option(default, help: str):
+    """A config field and its --help text."""
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
 @dataclass
 class TrainConfig:
-    stage: int = 1  # 0: the toy's base models; 1: align the projector; 2: instruction-tune projector + LLM
-    runs_dir: str = os.path.join(REPO, "runs")  # where outputs go, and `LATEST`
-    out_dir: str = ""  # default: <runs_dir>/stage<N>, or <runs_dir>/toy/stage<N>
+    stage: int = option(1, "0: the toy's base models; 1: align the projector; 2: instruction-tune projector + LLM")
+    runs_dir: str = option(os.path.join(REPO, "runs"), "where outputs go, and LATEST")
+    out_dir: str = option("", "this stage's checkpoints and model (empty: <runs-dir>/stage<N>, or "
+                              "<runs-dir>/toy/stage<N>)")
     # models (empty = the toy world's, made by stage 0)
-    llm: str = ""  # a plain HF LLaMA / Vicuna directory (also holds the tokenizer)
-    vision_tower: str = ""  # a plain HF CLIP directory
-    projector: str = ""  # stage 2: a stage-1 output directory or an official mm_projector.bin
-    projector_type: str = "mlp2x_gelu"
+    llm: str = option("", "a plain HF LLaMA / Vicuna directory, also holding the tokenizer (empty: the toy's)")
+    vision_tower: str = option("", "a plain HF CLIP directory (empty: the toy's)")
+    projector: str = option("", "stage 2: a stage-1 output directory or an official mm_projector.bin")
+    projector_type: str = option("mlp2x_gelu", "linear or mlpNx_gelu, as the official mm_projector_type")
     # data
-    data: str = ""  # LLaVA JSON / JSONL
-    image_folder: str = ""
-    template: str = ""  # conversation template (data.CONV_TEMPLATES)
-    image_aspect_ratio: str = ""  # "pad" or "square" (clip.preprocess_image)
-    max_len: int = 2048  # tokens, image tokens included
-    group_by_modality: bool = False  # official group_by_modality_length: image and text-only batches apart
-    pack: bool = False  # several samples per micro-batch row, each attending only to itself: less compute on padding
-    skip_bad: bool = True  # skip (and count) unreadable samples instead of stopping
-    num_workers: int = 2
+    data: str = option("", "LLaVA JSON / JSONL (empty: the toy world's)")
+    image_folder: str = option("", "where the data's image paths start")
+    template: str = option("", "conversation template: " + ", ".join(CONV_TEMPLATES))
+    image_aspect_ratio: str = option("", "pad: to a square of CLIP's mean colour first; square: resize and centre-crop")
+    max_len: int = option(2048, "tokens per sample, image tokens included; longer ones are cut")
+    group_by_modality: bool = option(False, "image and text-only samples in separate batches, as the "
+                                            "official group_by_modality_length")
+    pack: bool = option(False, "several samples per micro-batch row, each attending only to itself: less "
+                               "compute spent on padding")
+    skip_bad: bool = option(True, "skip (and count) unreadable samples instead of stopping")
+    num_workers: int = option(2, "data loader processes per rank")
     # optimization
-    lr: float = 0.0
-    global_batch: int = 0  # samples per optimizer step, over all ranks and micro-steps
-    micro_batch: int = 0  # samples per forward on one rank
-    epochs: float = 1.0
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 42
-    gradient_checkpointing: bool = True
-    fsdp: bool = False  # shard the LLM with FSDP (stage 2 of a 7B model does not fit one GPU with DDP)
+    lr: float = option(0.0, "peak learning rate")
+    global_batch: int = option(0, "samples per optimizer step, over all ranks and micro-steps")
+    micro_batch: int = option(0, "samples per forward on one rank")
+    epochs: float = option(1.0, "passes over the data; fractions allowed")
+    warmup_ratio: float = option(0.03, "linear warmup over this share of the steps, then cosine decay to 0")
+    weight_decay: float = option(0.0, "AdamW weight decay (not on biases and norms)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this")
+    seed: int = option(42, "seeds the data order and the initial weights")
+    gradient_checkpointing: bool = option(True, "recompute the LLM's activations in backward: less memory")
+    fsdp: bool = option(False, "shard the LLM with FSDP: stage 2 of a 7B model does not fit one GPU with DDP")
     # runtime
-    device: str = "auto"  # cuda if available, else cpu
-    dtype: str = "auto"  # bf16 on cuda, fp32 on cpu
-    save_every: int = 1000  # optimizer steps between resumable checkpoints
-    resume: bool = False  # continue from the latest checkpoint in out_dir
-    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run's checkpoints (they are removed)
-    max_steps: int = 0  # stop after this many optimizer steps (smoke tests); 0 = the full schedule
+    device: str = option("auto", "auto: cuda if available, else cpu; cpu; cuda")
+    dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; fp32; bf16; fp16")
+    save_every: int = option(1000, "optimizer steps between resumable checkpoints")
+    resume: bool = option(False, "continue from the latest checkpoint in out_dir")
+    overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run's checkpoints, "
+                                    "removing them")
+    max_steps: int = option(0, "stop after this many optimizer steps (smoke tests); 0: the full schedule")
     # stage 0 (toy only)
-    lm_steps: int = 250
-    clip_steps: int = 2000
+    lm_steps: int = option(250, "stage 0: steps of the toy LM's pretraining on the world's text")
+    clip_steps: int = option(2000, "stage 0: steps of the toy CLIP tower's contrastive training")
 
 
 STAGE_DEFAULTS = {  # scripts/v1_5/pretrain.sh and finetune.sh (8 GPUs × per-device batch)
@@ -117,12 +127,24 @@ def toy_paths(cfg: TrainConfig) -> dict:
                 out=os.path.join(toy, f"stage{cfg.stage}"))
 
 
+def default_help(f: dataclasses.Field) -> str:
+    """' (default ...)' for --help: the official stage values and the toy's where they differ from the field's."""
+    def per_stage(defaults):
+        values = [defaults[stage].get(f.name, f.default) for stage in (1, 2)]
+        return repr(values[0]) if values[0] == values[1] else f"{values[0]!r} in stage 1, {values[1]!r} in stage 2"
+    if f.default == "" and not any(f.name in d for d in STAGE_DEFAULTS.values()):
+        return ""  # the help says what empty means
+    real = per_stage(STAGE_DEFAULTS)
+    toy = per_stage({stage: {**STAGE_DEFAULTS[stage], **TOY_DEFAULTS[stage]} for stage in (1, 2)})
+    return f" (default {real}" + (f"; the toy: {toy})" if toy != real else ")")
+
+
 def resolve_config(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         kind = (lambda s: s.lower() in ("1", "true", "yes", "on")) if f.type is bool else f.type
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                            help=f"default {f.default!r} (or the stage's)" if f.name != "stage" else "0, 1 or 2")
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, metavar=f.type.__name__.upper(),
+                            help=f.metadata["help"] + default_help(f))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("stage", "runs_dir")})
     toy = not given.get("llm")
@@ -145,6 +167,16 @@ def resolve_config(argv=None) -> TrainConfig:
             parser.error("the real recipe needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
         if cfg.template not in CONV_TEMPLATES:
             parser.error(f"--template {cfg.template!r}: choose from {', '.join(CONV_TEMPLATES)}")
+        if cfg.image_aspect_ratio not in ("pad", "square"):
+            parser.error(f"--image-aspect-ratio {cfg.image_aspect_ratio!r}: choose pad or square")
+        try:
+            projector_depth(cfg.projector_type)
+        except ValueError as e:
+            parser.error(f"--projector-type: {e}")
+    if cfg.dtype not in ("auto", *DTYPES):
+        parser.error(f"--dtype {cfg.dtype!r}: choose from auto, {', '.join(DTYPES)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        parser.error(f"--device {cfg.device!r}: choose from auto, cpu, cuda (torchrun gives each rank its GPU)")
     return cfg
 
 

@@ -5,6 +5,7 @@ Each run is a real `python train.py` subprocess. OMP_NUM_THREADS=1 keeps CPU ari
 (bitwise resume) and stops two DDP ranks from fighting over the cores.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -278,6 +279,29 @@ def test_real_recipe_defaults_and_overrides(tmp_path):
     assert (cfg.lr, cfg.global_batch, cfg.template, cfg.image_aspect_ratio) == (1e-3, 256, "plain", "square")
     with pytest.raises(SystemExit):
         resolve_config(["--stage", "1", "--llm", "V"])  # the real recipe needs --vision-tower and --data
+
+
+@pytest.mark.parametrize("bad", [["--dtype", "float16"], ["--device", "gpu"], ["--image-aspect-ratio", "crop"],
+                                 ["--projector-type", "mlp"], ["--template", "vicuna"]])
+def test_bad_option_values_stop_with_a_usage_error(bad, capsys):
+    """A wrong value stops before any work, naming the option and the choices (not a KeyError mid-run)."""
+    from train import resolve_config
+    with pytest.raises(SystemExit) as stop:
+        resolve_config(["--stage", "2", "--llm", "V", "--vision-tower", "C", "--data", "mix.json", *bad])
+    assert stop.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+
+
+def test_help_says_what_each_option_does_and_its_stage_defaults(capsys, monkeypatch):
+    from train import TrainConfig, resolve_config
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap lines, also at hyphens
+    with pytest.raises(SystemExit):
+        resolve_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')} {f.type.__name__.upper()} {f.metadata['help']}" in text
+    assert "--lr FLOAT peak learning rate (default 0.001 in stage 1, 2e-05 in stage 2; the toy: 0.002)" in text
+    assert "(default 'plain' in stage 1, 'vicuna_v1' in stage 2)" in text
 
 
 def test_epochs_of_modality_grouped_batches_run_to_the_end(runs, tmp_path):
