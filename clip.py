@@ -91,6 +91,9 @@ def expand_to_square(image: Image.Image, background: tuple) -> Image.Image:
     return canvas
 
 
+ASPECT_RATIOS = ("pad", "square")  # official image_aspect_ratio values that LLaVA-1.5 uses
+
+
 def preprocess_image(image: Image.Image, image_size: int = 336, aspect_ratio: str = "pad") -> torch.Tensor:
     """PIL image -> normalized (3, image_size, image_size) float32 tensor, exactly as LLaVA-1.5 prepares it.
 
@@ -98,7 +101,7 @@ def preprocess_image(image: Image.Image, image_size: int = 336, aspect_ratio: st
     the whole image is seen; "square" (stage-1 pretraining, where pretrain.sh leaves the default): resize the shortest
     side and centre-crop, which cuts off the ends of long images.
     """
-    assert aspect_ratio in ("pad", "square"), f"unknown image_aspect_ratio {aspect_ratio!r}"
+    assert aspect_ratio in ASPECT_RATIOS, f"unknown image_aspect_ratio {aspect_ratio!r}"
     image = to_rgb(image)
     if aspect_ratio == "pad":
         image = expand_to_square(image, tuple(int(m * 255) for m in CLIP_MEAN))

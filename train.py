@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from clip import CLIPVisionConfig, CLIPVisionTower, preprocess_image
+from clip import ASPECT_RATIOS, CLIPVisionConfig, CLIPVisionTower, preprocess_image
 from data import (BOS_ID, CONV_TEMPLATES, SHAPES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate,
                   ensure_toy_world, load_tokenizer, open_image)
 from llama import Llama, LlamaConfig
@@ -167,8 +167,8 @@ def resolve_config(argv=None) -> TrainConfig:
             parser.error("the real recipe needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
         if cfg.template not in CONV_TEMPLATES:
             parser.error(f"--template {cfg.template!r}: choose from {', '.join(CONV_TEMPLATES)}")
-        if cfg.image_aspect_ratio not in ("pad", "square"):
-            parser.error(f"--image-aspect-ratio {cfg.image_aspect_ratio!r}: choose pad or square")
+        if cfg.image_aspect_ratio not in ASPECT_RATIOS:
+            parser.error(f"--image-aspect-ratio {cfg.image_aspect_ratio!r}: choose from {', '.join(ASPECT_RATIOS)}")
         try:
             projector_depth(cfg.projector_type)
         except ValueError as e:
