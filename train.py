@@ -95,7 +95,7 @@ class TrainConfig:
     fsdp: bool = option(False, "shard the LLM with FSDP: stage 2 of a 7B model does not fit one GPU with DDP")
     # runtime
     device: str = option("auto", "auto: cuda if available, else cpu; cpu; cuda")
-    dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; fp32; bf16; fp16")
+    dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; " + "; ".join(DTYPES))
     save_every: int = option(1000, "optimizer steps between resumable checkpoints")
     resume: bool = option(False, "continue from the latest checkpoint in out_dir")
     overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run's checkpoints, "
