@@ -237,7 +237,8 @@ def log(rank, *args):
 class ContrastiveCLIP(torch.nn.Module):
     """CLIP's training setup (Radford et al. 2021, Fig. 3): image and text towers, projections into a shared space,
     symmetric cross-entropy over the batch's image-text similarity matrix. The text tower is a small causal
-    transformer read out at its last token, like CLIP's (here our Llama class)."""
+    transformer read out at its last token, like CLIP's (here our Llama class). A second, token-wise similarity
+    (FILIP, Yao et al. 2021) trains the patch tokens too; see `token_wise_similarity`."""
 
     def __init__(self, vision: CLIPVisionConfig, vocab_size: int):
         super().__init__()
@@ -252,15 +253,38 @@ class ContrastiveCLIP(torch.nn.Module):
     def forward(self, images, text_ids, text_mask):
         """images (B, 3, H, W); text_ids, text_mask (B + N, T): row i < B is image i's caption, rows after B are
         extra negatives (hard ones) that only the image-to-text direction sees."""
-        B = len(images)
-        cls = self.vision.post_layernorm(self.vision(images, select_layer=-1)[:, 0])  # (B, C) class token
-        text = self.text(self.text.embed_tokens(text_ids))  # (B + N, T, C)
-        last = text[torch.arange(len(text_ids)), text_mask.sum(1) - 1]  # (B + N, C) at each text's last token
-        image_emb = F.normalize(self.visual_projection(cls), dim=-1)
-        text_emb = F.normalize(self.text_projection(last), dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T  # (B, B + N)
-        targets = torch.arange(B)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :B].T, targets)) / 2
+        image_tokens = self.vision.post_layernorm(self.vision(images, select_layer=-1))  # (B, 1 + P, C)
+        image_emb = F.normalize(self.visual_projection(image_tokens), dim=-1)  # (B, 1 + P, D)
+        text_emb = F.normalize(self.text_projection(self.text(self.text.embed_tokens(text_ids))), dim=-1)  # (B+N, T, D)
+        last = text_emb[torch.arange(len(text_ids)), text_mask.sum(1) - 1]  # (B + N, D) at each text's last token
+        words = text_mask.clone()
+        words[:, 0] = False  # BOS is no word
+        word_to_patch, patch_to_word = token_wise_similarity(image_emb[:, 1:], text_emb, words)
+        scale = self.logit_scale.exp().clamp(max=100)
+        return (contrastive_loss(scale * image_emb[:, 0] @ last.T)  # CLIP's: class token against last text token
+                + (contrastive_loss(scale * word_to_patch) + contrastive_loss(scale * patch_to_word)) / 2)
+
+
+def token_wise_similarity(patches, words, word_mask):
+    """FILIP's late interaction (Yao et al. 2021, eq. 4-5) between B images and B + N texts: each word is matched to
+    its most similar patch and the scores averaged over the text's words, and each patch to its most similar word,
+    averaged over the image's patches. patches (B, P, D) and words (B + N, T, D) unit vectors; word_mask (B + N, T)
+    is False at padding. Returns (word_to_patch, patch_to_word), each (B, B + N).
+
+    Why the toy needs it: with the class token's similarity alone, the patches may stay a private code that only the
+    class token reads (shape came out of the toy's patches non-linearly, and the LLM learned it slowly). LLaVA's LLM
+    reads the patches, so this term makes each patch say what it shows in the words of the captions."""
+    sim = torch.einsum("ipd,jtd->ijpt", patches, words)  # (B, B + N, P, T)
+    word_to_patch = (sim.amax(2) * word_mask).sum(-1) / word_mask.sum(-1)
+    patch_to_word = sim.masked_fill(~word_mask[None, :, None, :], -1.0).amax(3).mean(-1)  # cosines are >= -1
+    return word_to_patch, patch_to_word
+
+
+def contrastive_loss(logits):
+    """CLIP's symmetric cross-entropy on a (B, B + N) similarity matrix: each image picks its own text among all,
+    and each of the first B texts picks its image (extra texts, hard negatives, have no image of their own)."""
+    targets = torch.arange(len(logits))
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :len(logits)].T, targets)) / 2
 
 
 def swap_shapes(caption: str, rng: random.Random) -> str:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from data import make_toy_world
 from model import load_clip, load_llama, load_llava
-from train import peak_flops
+from train import peak_flops, token_wise_similarity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -330,3 +330,17 @@ def test_mfu_peak_follows_the_gpu_model():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Tesla T4") is None
+
+
+def test_token_wise_similarity_matches_each_word_to_its_best_patch_and_skips_padding():
+    """FILIP's late interaction on hand-made unit vectors. Image 0 shows e0 and e1, image 1 shows e2 and e3; text 0
+    says e0 e1, text 1 says e2 and then padding that (if it were read) would match image 1's other patch."""
+    e = torch.eye(4)
+    patches = torch.stack([e[[0, 1]], e[[2, 3]]])  # (2 images, 2 patches, 4)
+    words = torch.stack([e[[0, 1]], e[[2, 3]]])  # (2 texts, 2 tokens, 4); text 1's second token is padding
+    mask = torch.tensor([[True, True], [True, False]])
+    word_to_patch, patch_to_word = token_wise_similarity(patches, words, mask)
+    # every word of text 0 finds itself in image 0, none in image 1; text 1's one real word finds itself in image 1
+    assert torch.equal(word_to_patch, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # image 1's patch e3 has no word in text 1 (its padding does not count): half of image 1's patches are named
+    assert torch.equal(patch_to_word, torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
