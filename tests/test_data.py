@@ -499,11 +499,12 @@ def test_sampler_batches_hold_one_modality():
     assert len(is_image(lengths, batches[-1])) == 2  # the documented exception: the merged leftovers, last
     n_full = 8 * (len(batches) - 1)
     assert order[:n_full] == [i for batch in batches[:-1] for i in batch]
-    for batch in batches[:-1]:  # longest first, dealt into micro-batches of similar total length
-        totals = [sum(abs(lengths[i]) for i in batch[k:k + 4]) for k in (0, 4)]
-        assert abs(totals[0] - totals[1]) <= max(abs(lengths[i]) for i in batch)
-    # official split_to_even_chunks: 10 -> a, 9 -> b, 8 -> b (the lighter), b is full, 1 -> a
-    assert ModalityLengthGroupedSampler([10, 9, 8, 1], batch_size=4, micro_batch=2).global_batches() == [[0, 3, 1, 2]]
+    for batch in batches[:-1]:  # one rank, 2 micro-steps: the longest 4 samples first, then the shortest 4
+        assert [abs(lengths[i]) for i in batch] == sorted((abs(lengths[i]) for i in batch), reverse=True)
+    # 2 ranks × 2 micro-steps: the 4 longest first, dealt to the ranks as official split_to_even_chunks deals
+    # (10 -> a, 9 -> b, 8 -> b, the lighter, which is then full, 7 -> a), then the 4 shortest alike
+    assert ModalityLengthGroupedSampler([10, 9, 8, 7, 4, 3, 2, 1], batch_size=8, micro_batch=2,
+                                        num_replicas=2).global_batches() == [[0, 3, 1, 2, 4, 7, 5, 6]]
 
 
 def test_sampler_epochs_and_seeds():

@@ -160,17 +160,24 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tm
         assert torch.allclose(one[name], resumed[name], rtol=0, atol=1e-5), name
 
 
-def test_packed_stage2_matches_unpacked(runs, stage1_model, tmp_path):
-    """--pack changes the rows a micro-batch is cut into, not the training: the same weights, loss and grad norm."""
-    common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 32, "--micro-batch", 32,
-              "--max-steps", 3, "--save-every", 100, "--lr", 2e-4]  # lr: see the FSDP test
-    train(runs, *common, "--out-dir", tmp_path / "plain")
-    train(runs, *common, "--out-dir", tmp_path / "packed", "--pack", "true")
-    plain, packed = trainable(tmp_path / "plain", 3), trainable(tmp_path / "packed", 3)
-    assert plain.keys() == packed.keys() and any(k.startswith("language_model.layers.") for k in plain)
-    for name in plain:
-        assert (plain[name] - packed[name]).abs().max() < 1e-5, name
-    assert_same_log(tmp_path / "plain", tmp_path / "packed", 3)
+def test_packed_or_length_sorted_micro_steps_train_as_one_micro_batch(runs, stage1_model, tmp_path):
+    """--pack changes the rows a micro-batch is cut into, and micro-steps of 8 (sorted by length, see
+    ModalityLengthGroupedSampler) change how the global batch is split, not the training: the same weights, loss
+    and grad norm as one plain micro-batch of 32."""
+    common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 32, "--max-steps", 3,
+              "--save-every", 100, "--lr", 2e-4]  # lr: see the FSDP test
+    train(runs, *common, "--out-dir", tmp_path / "plain", "--micro-batch", 32)
+    train(runs, *common, "--out-dir", tmp_path / "packed", "--micro-batch", 32, "--pack", "true")
+    out = train(runs, *common, "--out-dir", tmp_path / "micro", "--micro-batch", 8)
+    assert "1 ranks × 4 micro-steps × 8" in out.stdout + out.stderr
+    plain = trainable(tmp_path / "plain", 3)
+    assert any(k.startswith("language_model.layers.") for k in plain)
+    for run in ("packed", "micro"):
+        other = trainable(tmp_path / run, 3)
+        assert plain.keys() == other.keys()
+        for name in plain:
+            assert (plain[name] - other[name]).abs().max() < 1e-5, (run, name)
+        assert_same_log(tmp_path / "plain", tmp_path / run, 3)
     assert json.load(open(tmp_path / "packed" / "model" / "train_config.json"))["pack"] is True
 
 
