@@ -754,42 +754,54 @@ def _toy_paths(root: Path) -> dict:
                 eval=root / "eval.jsonl", tokenizer=root / "tokenizer.json")
 
 
+def _unseen_scenes(rng: random.Random, train: list, n: int) -> list:
+    """n scenes drawn as the training ones were, none showing what a training scene (or another of them) shows."""
+    seen, scenes = {_scene_key(s) for s in train}, []
+    while len(scenes) < n:
+        scene = _scene(rng)
+        if _scene_key(scene) not in seen:
+            scenes.append(scene)
+            seen.add(_scene_key(scene))
+    return scenes
+
+
+def _write_eval(scenes: list, images: Path, eval_file: Path, rng: random.Random):
+    """eval_*.png, and 3 one-word questions per scene in the official eval format plus `category`, `answer` and
+    `objects` (how many the scene holds); the categories take turns, so each gets a fifth of the questions."""
+    questions = []
+    for i, scene in enumerate(scenes):
+        _draw(scene).save(images / f"eval_{i:05d}.png")
+        for j in range(3):
+            category = EVAL_CATEGORIES[(3 * i + j) % len(EVAL_CATEGORIES)]
+            question, answer, _ = _question(scene, category, rng)
+            questions.append(dict(question_id=len(questions), image=f"eval_{i:05d}.png", text=question + SHORT_ANSWER,
+                                  category=category, answer=answer, objects=len(scene["objects"])))
+    eval_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
+
+
 def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: int = 4000, n_stage2: int = 8000,
                    n_eval_images: int = 100, vocab_size: int = 600) -> dict:
     """Write the toy world under root and return its paths. Same seed, same bytes.
 
     images/: train_*.png (stage 1 and 2) and eval_*.png (held out: no eval scene repeats a training scene);
     stage1.json: blip_laion_cc_sbu_558k-style captions; stage2.json: mix665k-style chats, some text-only and some with
-    two images; eval.jsonl: 3 one-word questions per eval image, in the official eval format plus `category`,
-    `answer` and `objects` (how many the scene holds); tokenizer.json: see _train_tokenizer."""
+    two images; eval.jsonl: 3 one-word questions per eval image (see _write_eval); tokenizer.json: see
+    _train_tokenizer."""
     paths, rng = _toy_paths(Path(root)), random.Random(seed)
     paths["images"].mkdir(parents=True, exist_ok=True)
     train = [_scene(rng) for _ in range(n_train_images)]
-    seen, held_out = {_scene_key(s) for s in train}, []
-    while len(held_out) < n_eval_images:
-        scene = _scene(rng)
-        if _scene_key(scene) not in seen:
-            held_out.append(scene)
-            seen.add(_scene_key(scene))
+    held_out = _unseen_scenes(rng, train, n_eval_images)
     files = [f"train_{i:05d}.png" for i in range(n_train_images)]
-    for name, scene in zip(files + [f"eval_{i:05d}.png" for i in range(n_eval_images)], train + held_out):
+    for name, scene in zip(files, train):
         _draw(scene).save(paths["images"] / name)
 
     stage1 = [dict(id=f"s1_{i:05d}", image=files[i % n_train_images], conversations=_turns(
         [(_with_image(rng.choice(CAPTION_INSTRUCTIONS), rng), _caption(train[i % n_train_images]))]))
         for i in range(n_stage1)]
     stage2 = [dict(id=f"s2_{i:05d}", **_stage2_sample(train, files, rng)) for i in range(n_stage2)]
-    evaluation = []
-    for i, scene in enumerate(held_out):
-        for j in range(3):
-            category = EVAL_CATEGORIES[(3 * i + j) % len(EVAL_CATEGORIES)]
-            question, answer, _ = _question(scene, category, rng)
-            evaluation.append(dict(question_id=len(evaluation), image=f"eval_{i:05d}.png",
-                                   text=question + SHORT_ANSWER, category=category, answer=answer,
-                                   objects=len(scene["objects"])))
+    _write_eval(held_out, paths["images"], paths["eval"], rng)
     paths["stage1"].write_text(json.dumps(stage1, indent=1))
     paths["stage2"].write_text(json.dumps(stage2, indent=1))
-    paths["eval"].write_text("".join(json.dumps(q) + "\n" for q in evaluation))
 
     # the tokenizer learns the text as training will show it: inside the vicuna_v1 template, cut at the special
     # tokens (tokenize_prompt encodes the text between them separately)
@@ -800,17 +812,45 @@ def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: in
     return paths
 
 
+def make_toy_eval(root, n_scenes: int, seed: int = 0, n_train_images: int = 4000) -> dict:
+    """A larger held-out question set for the world that make_toy_world(seed=seed, n_train_images=n_train_images)
+    makes: n_scenes unseen scenes (the first of them that world's eval scenes) under root/images, and 3 questions each
+    in root/eval.jsonl, asked afresh. For experiments: on the world's 300 questions, two runs of the same recipe
+    differ by up to about 5 points by chance."""
+    root, rng = Path(root), random.Random(seed)
+    train = [_scene(rng) for _ in range(n_train_images)]  # drawn again, only to leave them out
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    _write_eval(_unseen_scenes(rng, train, n_scenes), root / "images", root / "eval.jsonl", rng)
+    return dict(root=root, images=root / "images", eval=root / "eval.jsonl")
+
+
+def _make_once(root: Path, make, message: str):
+    """make(folder) into a temporary folder renamed into place, unless root exists: an interrupted generation
+    never leaves half a folder, and concurrent ranks agree."""
+    if root.exists():
+        return
+    print(message)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process got there first, with the same files
+        shutil.rmtree(tmp)
+
+
 def ensure_toy_world(root="toy_world", seed: int = 0) -> dict:
-    """The toy world's paths, generating it first if root does not exist. It is written to a temporary folder and
-    renamed into place, so an interrupted generation never leaves half a world (and concurrent ranks agree)."""
+    """The toy world's paths, generating it first (once) if root does not exist."""
     root = Path(root)
-    if not root.exists():
-        print(f"generating the toy world in {root}/ (seed {seed}), once; it takes a few seconds")
-        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_toy_world(tmp, seed)
-        try:
-            tmp.rename(root)
-        except OSError:  # another process got there first, with the same world
-            shutil.rmtree(tmp)
+    _make_once(root, lambda folder: make_toy_world(folder, seed),
+               f"generating the toy world in {root}/ (seed {seed}), once; it takes a few seconds")
     return _toy_paths(root)
+
+
+def ensure_toy_eval(world_root, n_scenes: int, seed: int = 0) -> dict:
+    """The paths of make_toy_eval's question set for the toy world at world_root (made by ensure_toy_world with the
+    same seed), in world_root/eval-<n_scenes>/, generated first (once) if it does not exist."""
+    root = Path(world_root) / f"eval-{n_scenes}"
+    _make_once(root, lambda folder: make_toy_eval(folder, n_scenes, seed),
+               f"drawing {n_scenes} held-out scenes and their questions in {root}/, once")
+    return dict(root=root, images=root / "images", eval=root / "eval.jsonl")

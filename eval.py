@@ -57,8 +57,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from clip import preprocess_image
-from data import (CONV_TEMPLATES, IMAGE_MARKER, DataError, ensure_toy_world, load_tokenizer, open_image, render,
-                  tokenize_prompt)
+from data import (CONV_TEMPLATES, IMAGE_MARKER, DataError, ensure_toy_eval, ensure_toy_world, load_tokenizer,
+                  open_image, render, tokenize_prompt)
 from model import DTYPES, CheckpointError, load_llava
 
 REPO = Path(__file__).resolve().parent
@@ -818,6 +818,8 @@ def evaluate_toy(args):
     """The bare `python eval.py`: the toy world's held-out questions, answered afresh, scored, printed as a table."""
     model_dir = args.model or latest_model(args.runs_dir)
     world = ensure_toy_world(Path(args.runs_dir) / "toy" / "world")
+    if args.toy_scenes:  # a larger set, for comparing training recipes
+        world = ensure_toy_eval(world["root"], args.toy_scenes)
     questions = read_jsonl(world["eval"], required=("question_id", "text", "category", "answer"))
     # afresh, not resumed: training a stage again overwrites its model directory, and this takes seconds
     answers_file = Path(args.answers_file or Path(model_dir).parent / "toy_eval_answers.jsonl")
@@ -872,6 +874,7 @@ def add_generation_options(parser, defaults=True):
 EXAMPLES = """\
 examples:
   python eval.py                                  # runs/LATEST on the toy world
+  python eval.py --toy-scenes 600                 # ... on 1800 questions, to compare training recipes
   python eval.py generate --model runs/stage2/model --question-file llava_gqa_testdev_balanced.jsonl \\
       --image-folder gqa/images --answers-file answers/gqa.jsonl
   python eval.py score gqa --answers answers/gqa.jsonl --annotations testdev_balanced_questions.json
@@ -909,6 +912,12 @@ example:
 """
 
 
+def positive_int(text):
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"need a positive whole number, not {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate LLaVA-1.5. Without a command: the newest trained model (<runs-dir>/LATEST) answers the "
@@ -918,6 +927,10 @@ def main(argv=None):
     add_generation_options(parser)
     parser.add_argument("--answers-file",
                         help="where the toy answers go (default: toy_eval_answers.jsonl beside the model directory)")
+    parser.add_argument("--toy-scenes", type=positive_int, default=0, metavar="N",
+                        help="ask about this many held-out scenes instead of the world's 100, 3 questions each "
+                             "(drawn once into <runs-dir>/toy/world/eval-<N>/): the 300 questions measure accuracy "
+                             "to about ± 2.6 points (one standard error), too coarse to compare training recipes")
     commands = parser.add_subparsers(dest="command", title="commands (optional)")
 
     generate = commands.add_parser(

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import (CONV_TEMPLATES, EOS_ID, IMAGE_MARKER, SHORT_ANSWER, DataError, LazySupervisedDataset,
-                  ModalityLengthGroupedSampler, collate, conv_mode_for, ensure_toy_world, load_tokenizer,
-                  make_toy_world, open_image, preprocess, render, to_messages, tokenize_prompt, truncate)
+from data import (CONV_TEMPLATES, EOS_ID, EVAL_CATEGORIES, IMAGE_MARKER, SHORT_ANSWER, DataError,
+                  LazySupervisedDataset, ModalityLengthGroupedSampler, collate, conv_mode_for, ensure_toy_world,
+                  load_tokenizer, make_toy_eval, make_toy_world, open_image, preprocess, render, to_messages,
+                  tokenize_prompt, truncate)
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -380,6 +381,32 @@ def test_toy_world_is_deterministic(tmp_path):
     assert a == b and len(a) == 20 + 5 + 4
     assert a.keys() == c.keys()
     assert all(a[name] != c[name] for name in ("stage1.json", "stage2.json", "eval.jsonl", "images/train_00000.png"))
+
+
+def test_toy_eval_set_draws_unseen_scenes_beyond_the_worlds_own(tmp_path):
+    """make_toy_eval: more held-out scenes for the same world, the first of them the world's eval scenes, none a
+    training scene; questions as the world's own; the same arguments give the same bytes."""
+    sizes = dict(n_train_images=20, n_stage1=20, n_stage2=40, n_eval_images=5)
+    world = make_toy_world(tmp_path / "world", seed=3, **sizes)
+    extra = make_toy_eval(tmp_path / "extra", 40, seed=3, n_train_images=20)
+    again = make_toy_eval(tmp_path / "again", 40, seed=3, n_train_images=20)
+    assert tree_hashes(extra["root"]) == tree_hashes(again["root"])
+    images = sorted(p.name for p in extra["images"].iterdir())
+    assert images == [f"eval_{i:05d}.png" for i in range(40)]
+    for i in range(5):
+        name = f"eval_{i:05d}.png"
+        assert (extra["images"] / name).read_bytes() == (world["images"] / name).read_bytes()
+    training = {p.read_bytes() for p in world["images"].glob("train_*.png")}
+    assert not training & {(extra["images"] / name).read_bytes() for name in images}
+    questions = [json.loads(line) for line in extra["eval"].read_text().splitlines()]
+    assert [q["question_id"] for q in questions] == list(range(120))
+    assert [q["image"] for q in questions] == [name for name in images for _ in range(3)]
+    own = [json.loads(line) for line in world["eval"].read_text().splitlines()]
+    assert {tuple(q) for q in questions} == {tuple(q) for q in own}  # the same fields
+    assert [q["category"] for q in questions[:15]] == [q["category"] for q in own]
+    assert {q["category"] for q in questions} == set(EVAL_CATEGORIES)
+    for q in questions:
+        assert q["text"].endswith(SHORT_ANSWER) and q["objects"] in (1, 2, 3)
 
 
 # -----------------------------------------------------------------------------

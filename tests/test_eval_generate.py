@@ -273,6 +273,29 @@ def test_bare_eval_runs_the_toy_evaluation_of_latest(runs, tmp_path):
         assert table[row] == name + [str(right), str(total), f"{100 * right / total:.2f}"]
 
 
+def test_bare_eval_on_more_held_out_scenes(runs, tmp_path, capsys):
+    """`python eval.py --toy-scenes N`: N scenes drawn once into toy/world/eval-N, 3 questions each, all answered
+    and scored in the table; the world's own questions are left alone."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs["world"]["root"], root / "toy" / "world")
+    (root / "LATEST").write_text(str(runs["model_dir"]))
+    answers_file = tmp_path / "answers.jsonl"
+    args = ["--runs-dir", str(root), "--toy-scenes", "7", "--max-new-tokens", "2", "--answers-file", str(answers_file)]
+    eval.main(args)
+    out = capsys.readouterr().out
+    extra = root / "toy" / "world" / "eval-7"
+    assert "drawing 7 held-out scenes" in out and f"on {extra / 'eval.jsonl'}" in out
+    questions = eval.read_jsonl(extra / "eval.jsonl")
+    assert len(questions) == 21 and len(list((extra / "images").iterdir())) == 7
+    assert [a["question_id"] for a in lines(answers_file)] == [q["question_id"] for q in questions]
+    overall = next(line.split() for line in out.splitlines() if line.startswith("overall"))
+    assert overall[2] == "21"
+    stamp = (extra / "eval.jsonl").stat().st_mtime_ns
+    eval.main(args)  # drawn once: the second run reuses them
+    assert "drawing" not in capsys.readouterr().out and (extra / "eval.jsonl").stat().st_mtime_ns == stamp
+    assert eval.read_jsonl(root / "toy" / "world" / "eval.jsonl") == eval.read_jsonl(runs["world"]["eval"])
+
+
 def test_bare_eval_without_a_trained_model_says_how_to_train_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         eval.main(["--runs-dir", str(tmp_path)])
