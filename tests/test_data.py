@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import struct
 import zlib
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import (CONV_TEMPLATES, EOS_ID, EVAL_CATEGORIES, IMAGE_MARKER, SHORT_ANSWER, DataError,
+from data import (CONV_TEMPLATES, EOS_ID, EVAL_CATEGORIES, IMAGE_MARKER, POSITIONS, SHORT_ANSWER, DataError,
                   LazySupervisedDataset, ModalityLengthGroupedSampler, collate, conv_mode_for, ensure_toy_world,
                   load_tokenizer, make_toy_eval, make_toy_world, open_image, preprocess, render, to_messages,
                   tokenize_prompt, truncate)
@@ -344,6 +345,10 @@ def test_default_toy_world(tmp_path, capsys):
     assert max(lengths) < 200  # short sequences (+ 16 image tokens): the toy trains fast
     assert {len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r) for r in stage2} == {0, 1, 2}
     assert sum(SHORT_ANSWER in r["conversations"][0]["value"] for r in stage2) > 500
+    # captions name the objects in random order, not by place, which would give places away by rank
+    places = [re.findall("the (left|right|top|bottom)", r["conversations"][1]["value"]) for r in stage1]
+    by_place = [p == sorted(p, key=list(POSITIONS).index) for p in places if len(p) > 1]
+    assert 0.25 < sum(by_place) / len(by_place) < 0.4  # by chance: 1/2 of 2-object scenes, 1/6 of 3-object ones
 
     questions = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     assert len(questions) == 300 and len({q["question_id"] for q in questions}) == 300
