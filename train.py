@@ -42,8 +42,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from clip import ASPECT_RATIOS, CLIPVisionConfig, CLIPVisionTower, preprocess_image
-from data import (BOS_ID, CONV_TEMPLATES, SHAPES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate,
-                  ensure_toy_world, load_tokenizer, open_image)
+from data import (BOS_ID, CONV_TEMPLATES, POSITIONS, SHAPES, LazySupervisedDataset, ModalityLengthGroupedSampler,
+                  collate, ensure_toy_world, load_tokenizer, open_image, place_phrase)
 from llama import Llama, LlamaConfig
 from model import DTYPES, IGNORE_INDEX, Llava, load_base, load_projector, save_clip, save_llama, save_llava
 from projector import projector_depth
@@ -296,6 +296,22 @@ def swap_shapes(caption: str, rng: random.Random) -> str:
     return re.sub("|".join(SHAPES), lambda m: rng.choice([s for s in SHAPES if s != m.group()]), caption)
 
 
+def swap_positions(caption: str, rng: random.Random) -> str:
+    """The caption with the objects' places permuted among them (a lone object moved elsewhere): a hard negative
+    with the same words as the caption, which only a tower that binds each object to its place tells apart."""
+    places = re.findall(PLACE, caption)
+    if len(places) > 1:
+        shift = rng.randrange(1, len(places))  # a cyclic shift moves every object
+        moved = places[shift:] + places[:shift]
+    else:
+        moved = [rng.choice([p for p in POSITIONS if p not in places])]
+    phrases = iter(place_phrase(p) for p in moved)
+    return re.sub(PLACE, lambda m: next(phrases), caption)
+
+
+PLACE = "(?:on|at) the (left|right|top|bottom)"  # data.place_phrase's words
+
+
 def run_stage0(cfg: TrainConfig, rank: int):
     """Train and save the toy's base LLaMA and CLIP tower in plain HF layouts (what stage 1 loads)."""
     paths = toy_paths(cfg)
@@ -350,7 +366,8 @@ def run_stage0(cfg: TrainConfig, rank: int):
             index = order[start:start + batch_size].tolist()
             captions = [pairs[i][1] for i in index]
             texts = [[BOS_ID] + tokenizer.encode(c, add_special_tokens=False).ids
-                     for c in captions + [swap_shapes(c, rng) for c in captions]]
+                     for c in captions + [swap_shapes(c, rng) for c in captions]
+                     + [swap_positions(c, rng) for c in captions]]
             text_ids = torch.zeros(len(texts), max(map(len, texts)), dtype=torch.long)  # right-padded
             text_mask = torch.zeros_like(text_ids, dtype=torch.bool)
             for i, ids in enumerate(texts):

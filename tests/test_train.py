@@ -8,6 +8,8 @@ Each run is a real `python train.py` subprocess. OMP_NUM_THREADS=1 keeps CPU ari
 import dataclasses
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +23,7 @@ from safetensors.torch import load_file
 
 from data import make_toy_world
 from model import load_clip, load_llama, load_llava
-from train import peak_flops, token_wise_similarity
+from train import peak_flops, swap_positions, swap_shapes, token_wise_similarity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -351,3 +353,24 @@ def test_token_wise_similarity_matches_each_word_to_its_best_patch_and_skips_pad
     assert torch.equal(word_to_patch, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     # image 1's patch e3 has no word in text 1 (its padding does not count): half of image 1's patches are named
     assert torch.equal(patch_to_word, torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
+
+
+def test_hard_negatives_change_what_a_caption_binds():
+    """Stage 0's hard negatives for the CLIP tower: swap_shapes names other shapes; swap_positions keeps the words
+    of a caption of several objects but moves every object to another's place, and a lone object elsewhere."""
+    rng = random.Random(0)
+    caption = "a red circle on the left, a green cross at the bottom and a blue square at the top on a gray background"
+    for _ in range(20):
+        shapes = swap_shapes(caption, rng)
+        named = re.findall("circle|cross|square|triangle", shapes)
+        assert len(named) == 3 and all(new != old for new, old in zip(named, ["circle", "cross", "square"]))
+        assert re.sub("circle|cross|square|triangle", "", shapes) == re.sub("circle|cross|square", "", caption)
+        moved = swap_positions(caption, rng)
+        assert sorted(re.findall(r"\w+", moved)) == sorted(re.findall(r"\w+", caption))
+        objects = re.findall(r"a (\w+) (\w+) (?:on|at) the (\w+)", moved)
+        assert [o[:2] for o in objects] == [("red", "circle"), ("green", "cross"), ("blue", "square")]
+        assert all(place != was for (_, _, place), was in zip(objects, ["left", "bottom", "top"]))
+        assert moved.endswith(" on a gray background")
+    alone = {swap_positions("a red circle on the left on a white background", rng) for _ in range(30)}
+    assert alone == {"a red circle on the right on a white background", "a red circle at the top on a white background",
+                     "a red circle at the bottom on a white background"}
