@@ -68,9 +68,10 @@ LLAMA_PRESETS = {
     "vicuna-7b-v1.5": dict(),
     "vicuna-13b-v1.5": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                             num_key_value_heads=40),
-    # the toy world's LM (vocab_size comes from its tokenizer), trained by stage 0
+    # the toy world's LM (vocab_size comes from its tokenizer), trained by stage 0; multi-head attention as Vicuna-7B
+    # (one key-value head per query head): with 2 key-value heads it learned less (docs/toy_accuracy.md)
     "toy": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512),
+                num_key_value_heads=4, max_position_embeddings=512),
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256),
 }
