@@ -296,6 +296,9 @@ def swap_shapes(caption: str, rng: random.Random) -> str:
     return re.sub("|".join(SHAPES), lambda m: rng.choice([s for s in SHAPES if s != m.group()]), caption)
 
 
+PLACE = "(?:on|at) the (left|right|top|bottom)"  # data.place_phrase's words
+
+
 def swap_positions(caption: str, rng: random.Random) -> str:
     """The caption with the objects' places permuted among them (a lone object moved elsewhere): a hard negative
     with the same words as the caption, which only a tower that binds each object to its place tells apart."""
@@ -307,9 +310,6 @@ def swap_positions(caption: str, rng: random.Random) -> str:
         moved = [rng.choice([p for p in POSITIONS if p not in places])]
     phrases = iter(place_phrase(p) for p in moved)
     return re.sub(PLACE, lambda m: next(phrases), caption)
-
-
-PLACE = "(?:on|at) the (left|right|top|bottom)"  # data.place_phrase's words
 
 
 def run_stage0(cfg: TrainConfig, rank: int):
