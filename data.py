@@ -817,8 +817,8 @@ def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: in
 def make_toy_eval(root, n_scenes: int, seed: int = 0, n_train_images: int = 4000) -> dict:
     """A larger held-out question set for the world that make_toy_world(seed=seed, n_train_images=n_train_images)
     makes: n_scenes unseen scenes (the first of them that world's eval scenes) under root/images, and 3 questions each
-    in root/eval.jsonl, asked afresh. For experiments: on the world's 300 questions, two runs of the same recipe
-    differ by up to about 5 points by chance."""
+    in root/eval.jsonl, asked afresh. For experiments: the world's 300 questions measure a run's accuracy only to about
+    ± 2.6 points (one standard error)."""
     root, rng = Path(root), random.Random(seed)
     train = [_scene(rng) for _ in range(n_train_images)]  # drawn again, only to leave them out
     (root / "images").mkdir(parents=True, exist_ok=True)
