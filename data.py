@@ -17,6 +17,7 @@ Shapes: T tokens of a sample (each image is one IMAGE_TOKEN_INDEX), B samples in
 """
 
 import gc
+import itertools
 import json
 import os
 import random
@@ -698,11 +699,15 @@ def _turns(pairs: list) -> list[dict]:
     return [dict(zip(("from", "value"), turn)) for q, a in pairs for turn in (("human", q), ("gpt", a))]
 
 
-def _stage2_sample(scenes: list, files: list, rng: random.Random) -> dict:
-    """One mix665k-style sample: questions about one image, a description, a text-only chat, or two images."""
+def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.Random) -> dict:
+    """One mix665k-style sample: questions about one image, a description, a text-only chat, or two images.
+    objects_so_far: the running total of the scenes' object counts."""
     short = rng.random() < 0.5  # like the VQA parts of mix665k: one-word answers with the SHORT_ANSWER suffix
     kind = rng.choices(("qa", "describe", "text", "two_images"), weights=(60, 15, 15, 10))[0]
-    k = rng.randrange(len(scenes))
+    if kind == "qa":  # a scene in proportion to its objects: a lone object needs no finding (docs/toy_accuracy.md)
+        k = rng.choices(range(len(scenes)), cum_weights=objects_so_far)[0]
+    else:
+        k = rng.randrange(len(scenes))
     if kind == "text":
         facts = [_fact(rng) for _ in range(rng.randint(1, 2))]
         return dict(conversations=_turns([(q + SHORT_ANSWER, w) if short else (q, s) for q, w, s in facts]))
@@ -724,9 +729,11 @@ def _stage2_sample(scenes: list, files: list, rng: random.Random) -> dict:
         return dict(image=[files[k], files[j]],
                     conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)]))
     # several questions about the image, as mix665k's VQA samples: the image's tokens (and the system prompt) are
-    # paid for once, and each question is one more lesson in finding an object by one attribute and reading another
+    # paid for once, and each question is one more lesson in finding an object by one attribute and reading another.
+    # Count (read off the whole image, learned first) and size (which the eval never asks) get half their share
     asked = {}
-    for category in rng.choices(EVAL_CATEGORIES + ("size",), k=rng.randint(3, 8)):
+    weights = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=1)
+    for category in rng.choices(list(weights), list(weights.values()), k=rng.randint(3, 8)):
         q, w, s = _question(scenes[k], category, rng)
         asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
     pairs = list(asked.values())
@@ -800,7 +807,8 @@ def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: in
     stage1 = [dict(id=f"s1_{i:05d}", image=files[i % n_train_images], conversations=_turns(
         [(_with_image(rng.choice(CAPTION_INSTRUCTIONS), rng), _caption(train[i % n_train_images]))]))
         for i in range(n_stage1)]
-    stage2 = [dict(id=f"s2_{i:05d}", **_stage2_sample(train, files, rng)) for i in range(n_stage2)]
+    objects_so_far = list(itertools.accumulate(len(scene["objects"]) for scene in train))
+    stage2 = [dict(id=f"s2_{i:05d}", **_stage2_sample(train, files, objects_so_far, rng)) for i in range(n_stage2)]
     _write_eval(held_out, paths["images"], paths["eval"], rng)
     paths["stage1"].write_text(json.dumps(stage1, indent=1))
     paths["stage2"].write_text(json.dumps(stage2, indent=1))
