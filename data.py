@@ -587,6 +587,9 @@ POSITIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bot
 SIZES = {"small": 0.16, "large": 0.21}  # radius, as a fraction of the shorter side (large diagonal squares may touch)
 CANVASES = ((64, 64), (64, 64), (64, 64), (64, 48), (48, 64))  # some non-square, to exercise the padding
 EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no")
+# how often stage 2 asks each kind of question: count (read off the whole image, learned first) and size (which the
+# eval never asks) half as often as the look-ups, which find an object by one attribute and read another
+QUESTION_WEIGHTS = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=1)
 CAPTION_INSTRUCTIONS = ("Describe the image concisely.", "Give a brief description of the image.",
                         "Render a clear and concise summary of the photo.", "What is in this picture?")
 COLOUR_MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
@@ -729,11 +732,9 @@ def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.
         return dict(image=[files[k], files[j]],
                     conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)]))
     # several questions about the image, as mix665k's VQA samples: the image's tokens (and the system prompt) are
-    # paid for once, and each question is one more lesson in finding an object by one attribute and reading another.
-    # Count (read off the whole image, learned first) and size (which the eval never asks) get half their share
+    # paid for once, and each question is one more lesson in finding an object by one attribute and reading another
     asked = {}
-    weights = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=1)
-    for category in rng.choices(list(weights), list(weights.values()), k=rng.randint(3, 8)):
+    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=rng.randint(3, 8)):
         q, w, s = _question(scenes[k], category, rng)
         asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
     pairs = list(asked.values())

@@ -296,7 +296,7 @@ def swap_shapes(caption: str, rng: random.Random) -> str:
     return re.sub("|".join(SHAPES), lambda m: rng.choice([s for s in SHAPES if s != m.group()]), caption)
 
 
-PLACE = "(?:on|at) the (left|right|top|bottom)"  # data.place_phrase's words
+PLACE = f"(?:on|at) the ({'|'.join(POSITIONS)})"  # data.place_phrase's words
 
 
 def swap_positions(caption: str, rng: random.Random) -> str:
