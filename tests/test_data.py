@@ -199,6 +199,26 @@ def test_straddling_token_is_an_error_not_a_silent_mask(llama_tokenizer):
         preprocess(conversation, llama_tokenizer, "chatml_direct", has_image=False)
 
 
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2"])
+def test_answers_cut_at_character_offsets_equal_retokenized_prefixes(template, toy_world, llama_tokenizer):
+    """preprocess tokenizes a conversation once and finds each answer by character offsets; tokenizing the prompt up
+    to each answer's start and end again (what the official code does) must give the same cuts, for both the toy's
+    tokenizer and LLaMA's, on multi-turn conversations with and without images."""
+    conv = CONV_TEMPLATES[template]
+    samples = json.loads(Path(toy_world["stage2"]).read_text())
+    for tokenizer in (load_tokenizer(toy_world["tokenizer"]), llama_tokenizer):
+        for sample in samples:
+            messages = to_messages(sample["conversations"], "image" in sample)
+            input_ids, labels = preprocess(sample["conversations"], tokenizer, template, "image" in sample)
+            want = [IGNORE_INDEX] * len(input_ids)
+            for i in range(1, len(messages), 2):
+                before = tokenize_prompt(tokenizer, render(conv, messages[:i] + [(1, None)]))  # up to "ASSISTANT:"
+                through = tokenize_prompt(tokenizer, render(conv, messages[:i + 1]))  # ... up to " answer</s>"
+                assert input_ids[:len(through)] == through and through[:len(before)] == before
+                want[len(before):len(through)] = through[len(before):]
+            assert labels == want, sample["id"]
+
+
 def test_to_messages_official_edits():
     turns = [dict(zip(("from", "value"), turn)) for turn in
              [("gpt", "hello"), ("human", "What is it?\n<image>"), ("gpt", "A cat."),
