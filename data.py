@@ -296,8 +296,10 @@ def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_ima
     labels = [IGNORE_INDEX] * len(input_ids)
     for i in range(1, len(messages), 2):
         # an answer's tokens are those its text adds: after the prompt up to "ASSISTANT:", up to " answer</s>"
-        start = _tokens_before(len(render(conv, messages[:i] + [(1, None)])), starts, ends, prompt)
-        end = _tokens_before(len(render(conv, messages[:i + 1])), starts, ends, prompt)
+        before, through = render(conv, messages[:i] + [(1, None)]), render(conv, messages[:i + 1])
+        assert prompt.startswith(before) and prompt.startswith(through), \
+            f"template {template!r}: each turn's prompt must extend the one before it"
+        start, end = (_tokens_before(len(text), starts, ends, prompt) for text in (before, through))
         labels[start:end] = input_ids[start:end]
     return input_ids, labels
 
