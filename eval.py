@@ -970,6 +970,13 @@ def main(argv=None):
     except (ValueError, OSError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # a torchrun rank: even after the barrier, a gloo thread can still abort the process as the interpreter
+        # finalizes (an upstream race; train.py's main has the same exit). The answers are merged and every file
+        # is closed, so leave without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
