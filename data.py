@@ -223,10 +223,10 @@ def tokenize_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
     Each text chunk between images is tokenized on its own, so it starts with its own "▁" dummy prefix: "<image>\\nQ"
     gives [.., -200, 29871 "▁", 13 "\\n", ..]. The chunks' own <s> are dropped; the prompt starts with one."""
-    return tokenize_with_ends(tokenizer, prompt)[0]
+    return tokenize_with_offsets(tokenizer, prompt)[0]
 
 
-def tokenize_with_ends(tokenizer: Tokenizer, prompt: str) -> tuple[list, list, list]:
+def tokenize_with_offsets(tokenizer: Tokenizer, prompt: str) -> tuple[list, list, list]:
     """tokenize_prompt's ids, and where each token starts and ends in the prompt (character offsets; an image token
     spans its marker, <s> is empty at 0)."""
     ids, starts, ends, offset = [BOS_ID], [0], [0], 0
@@ -292,7 +292,7 @@ def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_ima
     if conv.style == "single":
         raise ValueError(f"{template!r} is for inference only here; train with 'plain' or a v1-style template")
     prompt = render(conv, messages)
-    input_ids, starts, ends = tokenize_with_ends(tokenizer, prompt)
+    input_ids, starts, ends = tokenize_with_offsets(tokenizer, prompt)
     labels = [IGNORE_INDEX] * len(input_ids)
     for i in range(1, len(messages), 2):
         # an answer's tokens are those its text adds: after the prompt up to "ASSISTANT:", up to " answer</s>"
