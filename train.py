@@ -736,6 +736,9 @@ def point_latest(runs_dir: str, model_dir: str):
 def main(argv=None):
     cfg = resolve_config(argv)
     rank, world, device, dtype = setup_distributed(cfg)
+    if cfg.fsdp and device.type == "cpu" and torch.__version__ < "2.9":
+        # FSDP2 over gloo: torch 2.6 has no CPU streams for it, 2.7-2.8 average gradients wrongly (pytorch#162338)
+        raise SystemExit(f"--fsdp on the CPU (gloo) needs torch >= 2.9; this is torch {torch.__version__}")
     if cfg.fsdp and not dist.is_initialized():  # before anything is loaded or trained
         raise SystemExit("--fsdp shards over the ranks of a torchrun launch")
     if cfg.stage in (1, 2) and not cfg.resume:

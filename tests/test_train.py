@@ -23,11 +23,14 @@ from safetensors.torch import load_file
 
 from data import make_toy_world
 from model import load_clip, load_llama, load_llava
+import train as train_script
 from train import peak_flops, swap_positions, swap_shapes, token_wise_similarity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 pytestmark = pytest.mark.slow
+# train.py refuses FSDP on the CPU below torch 2.9 (its main says why)
+needs_cpu_fsdp = pytest.mark.skipif(torch.__version__ < "2.9", reason="FSDP on the CPU (gloo) needs torch >= 2.9")
 
 
 def train(runs, *args, check=True, background=False):
@@ -115,6 +118,7 @@ def test_two_process_ddp_matches_one_process(runs, tmp_path):
     assert_same_log(tmp_path / "one", tmp_path / "two", 3)
 
 
+@needs_cpu_fsdp
 def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tmp_path):
     """Stage 2 (the LLM trains) sharded over 2 ranks with FSDP2 reaches what one plain process reaches, writes the
     checkpoint layout one process writes (so either engine can resume it), resumes exactly, and saves a model."""
@@ -265,6 +269,7 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     assert os.path.exists(tmp_path / "bad" / "model" / "model.safetensors")
 
 
+@needs_cpu_fsdp
 def test_fsdp_rank_whose_micro_batch_is_all_skipped_keeps_in_step(runs, tmp_path):
     """With one sample per micro-batch, a bad sample empties one rank's micro-batch while the other rank's is not:
     the empty one must still run the forward and backward, whose collectives the other rank waits for."""
@@ -330,6 +335,14 @@ def test_epochs_of_modality_grouped_batches_run_to_the_end(runs, tmp_path):
     per_epoch = len(global_batches(dataset, cfg, epoch=0))
     assert per_epoch == len(dataset) // 10
     assert len(open(out / "log.jsonl").readlines()) == 2 * per_epoch
+
+
+def test_fsdp_on_the_cpu_refuses_a_torch_whose_gloo_averages_wrongly(monkeypatch, tmp_path):
+    """On torch 2.7-2.8 FSDP over gloo would train with gradients off by the world size, silently: stop first."""
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.8.0+cpu"))
+    with pytest.raises(SystemExit, match=r"--fsdp on the CPU \(gloo\) needs torch >= 2.9; this is torch 2.8.0"):
+        train_script.main(["--stage", "2", "--fsdp", "true", "--device", "cpu", "--runs-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before anything was made
 
 
 def test_mfu_peak_follows_the_gpu_model():
