@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 
 from data import make_toy_world
 from model import load_clip, load_llama, load_llava
-import train as train_script
-from train import peak_flops, swap_positions, swap_shapes, token_wise_similarity
+from train import main as train_main, peak_flops, swap_positions, swap_shapes, token_wise_similarity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -341,7 +340,7 @@ def test_fsdp_on_the_cpu_refuses_a_torch_whose_gloo_averages_wrongly(monkeypatch
     """On torch 2.7-2.8 FSDP over gloo would train with gradients off by the world size, silently: stop first."""
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.8.0+cpu"))
     with pytest.raises(SystemExit, match=r"--fsdp on the CPU \(gloo\) needs torch >= 2.9; this is torch 2.8.0"):
-        train_script.main(["--stage", "2", "--fsdp", "true", "--device", "cpu", "--runs-dir", str(tmp_path)])
+        train_main(["--stage", "2", "--fsdp", "true", "--device", "cpu", "--runs-dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # refused before anything was made
 
 
