@@ -6,7 +6,7 @@
 Measures, for both sides: time to first token (one image + 48 text tokens = 624 positions at 7B), batch-1 and batch-8
 greedy decode tokens/s over --new-tokens, a stage-1 training step (projector trainable, gradient checkpointing,
 micro-batch 16 × 700 positions) and a stage-2 forward+backward (LLM + projector trainable, micro-batch 8), with
-tokens/s and peak memory. Prints one JSON object: both sides and ours/theirs ratios (ours alone where transformers
+tokens/s and peak memory (each side's model alone on the GPU while it trains). Prints one JSON object: both sides and ours/theirs ratios (ours alone where transformers
 is not installed). Weights are random (nothing is downloaded); greedy tokens are checked to be equal on both sides,
 and, with --compile (the default on a GPU), between our eager and compiled decode.
 """
@@ -144,18 +144,21 @@ def bench_training(ours, theirs, args, device, dtype):
     config = ours.config
     S = config.vision.image_size
     results = {"ours": {}, "transformers": {}}
-    for stage, batch in ((1, args.stage1_batch), (2, args.stage2_batch)):
-        n_text = args.train_positions - config.num_image_tokens + 1
-        ids, hf_ids = prompts(config, batch, n_text, seed=10 + stage)
-        ids = torch.tensor(ids, device=device)
-        hf_ids = hf_ids.to(device)
-        labels, hf_labels = ids.clone(), hf_ids.clone()
-        labels[ids == IMAGE_TOKEN_INDEX] = -100
-        hf_labels[hf_ids == config.image_token_index] = -100
-        images = torch.randn(batch, 3, S, S, device=device, dtype=dtype)
-        for side, model in (("ours", ours), ("transformers", theirs)):
-            if model is None:
-                continue
+    for side, model, other in (("ours", ours, theirs), ("transformers", theirs, ours)):
+        if model is None:
+            continue
+        if other is not None:  # the other side's weights wait in host memory, so the peak is this side's alone
+            other.to("cpu")
+        for stage, batch in ((1, args.stage1_batch), (2, args.stage2_batch)):
+            n_text = args.train_positions - config.num_image_tokens + 1
+            ids, hf_ids = prompts(config, batch, n_text, seed=10 + stage)  # the same samples for both sides
+            ids = torch.tensor(ids, device=device)
+            hf_ids = hf_ids.to(device)
+            labels, hf_labels = ids.clone(), hf_ids.clone()
+            labels[ids == IMAGE_TOKEN_INDEX] = -100
+            hf_labels[hf_ids == config.image_token_index] = -100
+            images = torch.randn(batch, 3, S, S, device=device, dtype=dtype,
+                                 generator=torch.Generator(device).manual_seed(stage))
             model.requires_grad_(False)
             projector = model.multi_modal_projector if side == "ours" else model.model.multi_modal_projector
             language_model = model.language_model if side == "ours" else model.model.language_model
@@ -187,6 +190,8 @@ def bench_training(ours, theirs, args, device, dtype):
             results[side][f"stage{stage}_peak_gb"] = peak
             model.requires_grad_(False)
             model.eval()
+        if other is not None:
+            other.to(device)
     return results
 
 
