@@ -4,11 +4,12 @@
     python bench.py --preset tiny --device cpu
 
 Measures, for both sides: time to first token (one image + 48 text tokens = 624 positions at 7B), batch-1 and batch-8
-greedy decode tokens/s over --new-tokens, a stage-1 training step (projector trainable, gradient checkpointing,
-micro-batch 16 × 700 positions) and a stage-2 forward+backward (LLM + projector trainable, micro-batch 8), with
-tokens/s and peak memory (each side's model alone on the GPU while it trains). Prints one JSON object: both sides and ours/theirs ratios (ours alone where transformers
-is not installed). Weights are random (nothing is downloaded); greedy tokens are checked to be equal on both sides,
-and, with --compile (the default on a GPU), between our eager and compiled decode.
+greedy decode tokens/s over --new-tokens, a stage-1 training step (projector trainable, micro-batch 16 × 700
+positions) and a stage-2 forward+backward (LLM + projector trainable, micro-batch 8), both with gradient
+checkpointing, with tokens/s and peak memory (each side's model alone on the GPU while it trains). Prints one JSON
+object: both sides and ours/theirs ratios (ours alone where transformers is not installed). Weights are random
+(nothing is downloaded); greedy tokens are checked to be equal on both sides, and, with --compile (the default on a
+GPU), between our eager and compiled decode.
 """
 
 import argparse
@@ -149,6 +150,11 @@ def bench_training(ours, theirs, args, device, dtype):
             continue
         if other is not None:  # the other side's weights wait in host memory, so the peak is this side's alone
             other.to("cpu")
+        # both stages recompute activations, as the official recipe does (--gradient_checkpointing True in both)
+        if side == "ours":
+            model.language_model.gradient_checkpointing = True
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for stage, batch in ((1, args.stage1_batch), (2, args.stage2_batch)):
             n_text = args.train_positions - config.num_image_tokens + 1
             ids, hf_ids = prompts(config, batch, n_text, seed=10 + stage)  # the same samples for both sides
@@ -165,12 +171,6 @@ def bench_training(ours, theirs, args, device, dtype):
             trainable = list(projector.parameters()) + (list(language_model.parameters()) if stage == 2 else [])
             for p in trainable:
                 p.requires_grad_(True)
-            if side == "ours":
-                model.language_model.gradient_checkpointing = stage == 1
-            elif stage == 1:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_disable()
             model.train()
             optimizer = torch.optim.AdamW(projector.parameters(), lr=1e-5, fused=True)
 
