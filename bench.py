@@ -144,6 +144,17 @@ def bench_training(ours, theirs, args, device, dtype):
     """Stage 1 (projector trains, full optimizer step) and stage 2 (LLM + projector, forward + backward)."""
     config = ours.config
     S = config.vision.image_size
+    inputs = {}  # stage -> one micro-batch, the same samples for both sides
+    for stage, batch in ((1, args.stage1_batch), (2, args.stage2_batch)):
+        n_text = args.train_positions - config.num_image_tokens + 1
+        ids, hf_ids = prompts(config, batch, n_text, seed=10 + stage)
+        ids = torch.tensor(ids, device=device)
+        hf_ids = hf_ids.to(device)
+        labels, hf_labels = ids.clone(), hf_ids.clone()
+        labels[ids == IMAGE_TOKEN_INDEX] = -100
+        hf_labels[hf_ids == config.image_token_index] = -100
+        images = torch.randn(batch, 3, S, S, device=device, dtype=dtype)
+        inputs[stage] = (batch, ids, labels, hf_ids, hf_labels, images)
     results = {"ours": {}, "transformers": {}}
     for side, model, other in (("ours", ours, theirs), ("transformers", theirs, ours)):
         if model is None:
@@ -155,16 +166,7 @@ def bench_training(ours, theirs, args, device, dtype):
             model.language_model.gradient_checkpointing = True
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for stage, batch in ((1, args.stage1_batch), (2, args.stage2_batch)):
-            n_text = args.train_positions - config.num_image_tokens + 1
-            ids, hf_ids = prompts(config, batch, n_text, seed=10 + stage)  # the same samples for both sides
-            ids = torch.tensor(ids, device=device)
-            hf_ids = hf_ids.to(device)
-            labels, hf_labels = ids.clone(), hf_ids.clone()
-            labels[ids == IMAGE_TOKEN_INDEX] = -100
-            hf_labels[hf_ids == config.image_token_index] = -100
-            images = torch.randn(batch, 3, S, S, device=device, dtype=dtype,
-                                 generator=torch.Generator(device).manual_seed(stage))
+        for stage, (batch, ids, labels, hf_ids, hf_labels, images) in inputs.items():
             model.requires_grad_(False)
             projector = model.multi_modal_projector if side == "ours" else model.model.multi_modal_projector
             language_model = model.language_model if side == "ours" else model.model.language_model
