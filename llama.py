@@ -216,8 +216,17 @@ class Llama(nn.Module):
         return self.lm_head(hidden[:, -1])
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Allocate a KV cache of `max_seq_len` slots per sequence on the model's device and dtype."""
+        """Allocate a KV cache of `max_seq_len` slots per sequence on the model's device and dtype.
+
+        A cache of that shape that is still allocated (kept by the previous generation) is reused as it is, as
+        gpt-fast does: a CUDA graph recorded by torch.compile reads and writes the cache at its buffers' addresses,
+        and new buffers would make it record the graph again. Stale slots are never read: a query attends only slots
+        at or before its own, and generation writes those first."""
         p = self.embed_tokens.weight
+        cache = self.layers[0].self_attn.kv_cache
+        shape = (batch_size, self.config.num_key_value_heads, max_seq_len, self.config.head_dim)
+        if cache is not None and cache.k.shape == shape and cache.k.dtype == p.dtype and cache.k.device == p.device:
+            return
         for layer in self.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch_size, attn.n_kv_head, max_seq_len, attn.head_dim, p.dtype, p.device)

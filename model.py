@@ -190,8 +190,9 @@ class Llava(nn.Module):
         on_token(tokens (B,)) is called with each step's tokens (finished rows repeat the pad id) for streaming.
         cache_start > 0 continues a single sequence whose first `cache_start` positions are already in the cache
         (a chat's earlier turns); cache_size sets the cache's length when a new one is made; keep_cache keeps it
-        allocated afterwards for such a continuation. compile runs the decode step through torch.compile (CUDA
-        graphs on a GPU; see Llama.decode_step); the first call pays for the compilation.
+        allocated afterwards, for such a continuation or for the next call to reuse (see Llama.setup_cache).
+        compile runs the decode step through torch.compile (CUDA graphs on a GPU; see Llama.decode_step); the first
+        call pays for the compilation.
         """
         lm = self.language_model
         eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id

@@ -301,6 +301,25 @@ def test_generation_stops_at_eos_and_samples_reproducibly(llava_hf_dir):
     assert a == b and a != c
 
 
+def test_a_kept_cache_of_the_same_shape_is_reused_and_its_stale_slots_change_nothing(llava_hf_dir):
+    """generate reuses a kept KV cache of the shape it needs (bench.py's compiled runs rely on it: the CUDA graph
+    recorded on its buffers replays); what a longer earlier generation left in its slots changes no token."""
+    ours = load_llava(llava_hf_dir[0])
+    lm = ours.language_model
+    short = [[1, 9, IMAGE_TOKEN_INDEX, 3]]
+    fresh = ours.generate(short, pixels(1, seed=1), max_new_tokens=6, eos_token_id=-1, cache_size=64)
+    assert lm.layers[0].self_attn.kv_cache is None  # not kept by default
+    ours.generate([[1, 5, IMAGE_TOKEN_INDEX] + list(range(20, 40))], pixels(1), max_new_tokens=12, eos_token_id=-1,
+                  cache_size=64, keep_cache=True)
+    kept = [layer.self_attn.kv_cache.k for layer in lm.layers]
+    assert (kept[0][0, :, 30:38] != 0).any()  # slots the short prompt's generation never writes
+    assert ours.generate(short, pixels(1, seed=1), max_new_tokens=6, eos_token_id=-1, cache_size=64,
+                         keep_cache=True) == fresh
+    assert all(layer.self_attn.kv_cache.k is k for layer, k in zip(lm.layers, kept))
+    ours.generate(short * 2, pixels(2, seed=1), max_new_tokens=6, eos_token_id=-1, cache_size=64, keep_cache=True)
+    assert lm.layers[0].self_attn.kv_cache.k.shape[0] == 2  # another shape: a new cache
+
+
 def test_top_p_keeps_only_the_nucleus():
     from llama import sample
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
