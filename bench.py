@@ -196,9 +196,8 @@ def bench_training(ours, theirs, args, device, dtype):
                     seconds, peak = peak_memory(step, device)
                 except torch.OutOfMemoryError:  # a result too: this setup does not fit the GPU
                     results[side][f"stage{stage}{suffix}_error"] = "out of memory"
-                    for p in trainable:
+                    for p in trainable:  # a backward cut short may have left some
                         p.grad = None
-                    torch.cuda.empty_cache()
                     continue
                 results[side][f"stage{stage}{suffix}_tok_s"] = batch * args.train_positions / seconds
                 results[side][f"stage{stage}{suffix}_peak_gb"] = peak
