@@ -9,7 +9,9 @@ positions) and a stage-2 forward+backward (LLM + projector trainable, micro-batc
 checkpointing and without, with tokens/s and peak memory (each side's model alone on the GPU while it trains; a setup
 that does not fit is reported as out of memory). Prints one JSON object: both sides and ours/theirs ratios (ours alone
 where transformers is not installed). Weights are random (nothing is downloaded); greedy tokens are checked to be
-equal on both sides, and, with --compile (the default on a GPU), between our eager and compiled decode.
+equal on both sides, and, with --compile (the default on a GPU), between our eager and compiled decode. --compile
+also compiles our decoder layers for training, as train.py --compile; run once with --compile false to see what that
+gives.
 """
 
 import argparse
@@ -162,6 +164,9 @@ def bench_training(ours, theirs, args, device, dtype):
             continue
         if other is not None:  # the other side's weights wait in host memory, so the peak is this side's alone
             other.to("cpu")
+        if side == "ours" and args.compile:  # as train.py --compile
+            for layer in model.language_model.layers:
+                layer.compile()
         for stage, (batch, ids, labels, hf_ids, hf_labels, images) in inputs.items():
             model.requires_grad_(False)
             projector = model.multi_modal_projector if side == "ours" else model.model.multi_modal_projector
@@ -222,7 +227,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each measure, after a warm-up "
                         "(the median is reported; default 3)")
     parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                        help="compile our decode step (default: on a GPU)")
+                        help="compile our decode step, and our decoder layers in training (default: on a GPU)")
     parser.add_argument("--skip-training", action="store_true", help="measure only generation")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -93,6 +93,8 @@ class TrainConfig:
     seed: int = option(42, "seeds the data order and the initial weights")
     gradient_checkpointing: bool = option(True, "recompute the LLM's activations in backward: less memory")
     fsdp: bool = option(False, "shard the LLM with FSDP: stage 2 of a 7B model does not fit one GPU with DDP")
+    compile: bool = option(False, "compile each LLM decoder layer (torch.compile): fewer, fused kernels; the first "
+                                  "steps pay for compiling")
     # runtime
     device: str = option("auto", "auto: cuda if available, else cpu; cpu; cuda")
     dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; " + "; ".join(DTYPES))
@@ -540,6 +542,13 @@ def build_model(cfg: TrainConfig, device, dtype):
         part.float().requires_grad_(True)
     model.multi_modal_projector.float()  # fresh or loaded, the projector is trained in fp32 (stage 2 too)
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        # one layer at a time (regional compilation): the identical layers share one compiled graph, compiled in
+        # seconds, and checkpointing and FSDP still see plain layers. Inductor fuses the elementwise chains that
+        # eager runs as separate kernels, each reading and writing the activations again: RMSNorm's fp32 upcast,
+        # RoPE, SwiGLU's silu·mul, the residual adds
+        for layer in model.language_model.layers:
+            layer.compile()
     return model
 
 
@@ -589,6 +598,8 @@ def peak_flops(device_name: str) -> float | None:
 def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     tokenizer = load_tokenizer(cfg.llm)
     model = build_model(cfg, device, dtype)
+    if cfg.compile:
+        log(rank, "the LLM's decoder layers are compiled (torch.compile): the first steps are slow while it compiles")
     # transformers' LLaVA needs a vocabulary id for its image tokens: the toy tokenizer has "<image>"; LLaMA's has
     # none, so the saved model gets one past the vocabulary (padded there, as llava-hf's 32000)
     model.config.image_token_index = tokenizer.token_to_id("<image>") or model.config.text.vocab_size

@@ -212,6 +212,22 @@ def test_bf16_mixed_precision_follows_fp32(runs, stage1_model, tmp_path, device)
             assert all(0 < r["mfu"] < 1 for r in logs[1])
 
 
+def test_compiled_decoder_layers_train_as_eager_ones(runs, stage1_model, tmp_path):
+    """--compile (each LLM layer through torch.compile, inductor's fused kernels) with gradient checkpointing, as on a
+    GPU: micro-batches of several lengths (recompiled once, then with a dynamic length) train as the eager run does."""
+    common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 8, "--micro-batch", 4, "--max-steps", 3,
+              "--save-every", 100, "--lr", 2e-4, "--gradient-checkpointing", "true"]  # lr: see the FSDP test
+    for compiled in ("false", "true"):
+        out = train(runs, *common, "--out-dir", tmp_path / compiled, "--compile", compiled)
+    assert "decoder layers are compiled" in out.stdout + out.stderr
+    eager, compiled = trainable(tmp_path / "false", 3), trainable(tmp_path / "true", 3)
+    assert eager.keys() == compiled.keys() and any(k.startswith("language_model.layers.") for k in eager)
+    for name in eager:  # inductor orders float operations its own way
+        assert (eager[name] - compiled[name]).abs().max() < 1e-5, name
+    assert_same_log(tmp_path / "false", tmp_path / "true", 3)
+    assert json.load(open(tmp_path / "true" / "model" / "train_config.json"))["compile"] is True
+
+
 def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
     common = ["--stage", 2, "--projector", "", "--global-batch", 8, "--micro-batch", 4, "--max-steps", 8,
               "--save-every", 2]
