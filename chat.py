@@ -60,9 +60,10 @@ class ChatSession:
     """One conversation about some images, with the model's KV cache kept between turns."""
 
     def __init__(self, model, tokenizer, template: str, images: list, max_new_tokens=512, temperature=0.2,
-                 top_p=1.0, seed=None):
+                 top_p=1.0, seed=None, compile=False):
         self.model, self.tokenizer, self.conv = model, tokenizer, CONV_TEMPLATES[template]
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.compile = compile  # the decode step through torch.compile (see Llava.generate)
         self.device = model.language_model.embed_tokens.weight.device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.reset(images)
@@ -113,7 +114,7 @@ class ChatSession:
                             max_new_tokens=min(self.max_new_tokens, limit - needed), temperature=self.temperature,
                             top_p=self.top_p, eos_token_id=self.model.config.text.eos_token_id, on_token=on_token,
                             generator=self.generator, cache_start=self.positions(ids[:reuse]), cache_size=limit,
-                            keep_cache=True)
+                            keep_cache=True, compile=self.compile)
         # the last sampled token (EOS, or the last of max_new_tokens) is never fed back, so it is not in the cache
         self.cached_ids = ids + sampled[:-1]
         answer = self.tokenizer.decode(sampled)
@@ -222,6 +223,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per answer (default 512)")
     p.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile; CUDA graphs on a GPU): faster answers after a "
+                        "first one that waits for the compiler")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="auto: bf16 on cuda, fp32 on cpu (the names train.py and eval.py take)")
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
     if args.conv_mode and args.conv_mode != template:  # as official: say so
         print(f"chat.py: the automatic template is {template}; using {args.conv_mode} (--conv-mode)", file=sys.stderr)
     session = ChatSession(model, tokenizer, args.conv_mode or template, images, args.max_new_tokens,
-                          args.temperature, args.top_p, args.seed)
+                          args.temperature, args.top_p, args.seed, args.compile)
     if not args.prompt:
         print(f"{model_dir} ({args.conv_mode or template} template, {args.device}, "
               f"{str(args.dtype).removeprefix('torch.')})", file=sys.stderr)

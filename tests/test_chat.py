@@ -134,6 +134,23 @@ def test_scripted_answers_equal_from_scratch_generation(ours, tokenizer, images)
     assert reference_answers(model, tokenizer, images[::-1], [Q1])[0] != answers[0]
 
 
+def test_compiled_decode_step_gives_the_same_answers(ours, tokenizer, images, monkeypatch):
+    """--compile: the decode step through torch.compile (inductor's code on the CPU, CUDA graphs on a GPU), also
+    across a second turn that continues the kept cache."""
+    path, model = ours
+    answers = reference_answers(model, tokenizer, images, [Q1, Q2])
+    result = run_chat(*images, "--model", path, "-p", Q1, "-p", Q2, "--temperature", 0, "--max-new-tokens", MAX_NEW,
+                      "--compile")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == answers[0] + "\n" + answers[1] + "\n"
+    compiled = []  # in-process, to see that the decode step really went through torch.compile
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real_compile(fn, **kw))
+    session = chat.ChatSession(model, tokenizer, "vicuna_v1", [open_image(i) for i in images], MAX_NEW,
+                               temperature=0.0, compile=True)
+    assert [session.ask(Q1), session.ask(Q2)] == answers and len(compiled) == 2
+
+
 def test_bf16_answers_equal_from_scratch_bf16_generation(ours, tokenizer, images, device):
     """`--dtype bf16`, the default on a GPU, also run on the CPU: the weights and the KV cache kept across turns are
     bf16, and the answers are the ones a bf16 model gives recomputing each turn from scratch."""
