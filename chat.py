@@ -260,6 +260,8 @@ def main(argv=None) -> int:
     if not args.prompt:
         print(f"{model_dir} ({args.conv_mode or template} template, {args.device}, "
               f"{str(args.dtype).removeprefix('torch.')})", file=sys.stderr)
+        if args.compile:
+            print("--compile: the first answer waits for the compiler", file=sys.stderr)
         interactive(session)
         return 0
     for question in args.prompt:
