@@ -165,8 +165,7 @@ def bench_training(ours, theirs, args, device, dtype):
         if other is not None:  # the other side's weights wait in host memory, so the peak is this side's alone
             other.to("cpu")
         if side == "ours" and args.compile:  # as train.py --compile
-            for layer in model.language_model.layers:
-                layer.compile()
+            model.language_model.compile_layers()
         for stage, (batch, ids, labels, hf_ids, hf_labels, images) in inputs.items():
             model.requires_grad_(False)
             projector = model.multi_modal_projector if side == "ours" else model.model.multi_modal_projector
