@@ -1,12 +1,32 @@
 """Shared fixtures: the real LLaMA-2 tokenizer and a small toy world, each made once per test session, and the devices
 a test runs on."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REAL_CUDA_IS_AVAILABLE = torch.cuda.is_available
+HAS_CUDA = REAL_CUDA_IS_AVAILABLE()
+VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")  # as the suite found it
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_unless_the_test_asks_for_cuda():
+    """train.py, eval.py and chat.py take the GPU when their --device is "auto" and there is one. The suite is written
+    for the CPU (fp32 references, bitwise resume, two gloo ranks on one machine, which on one GPU would ask for a
+    second), so on a GPU machine the GPU is hidden from every test, in-process and in its subprocesses, but from those
+    that take `device` and got "cuda"."""
+    if not HAS_CUDA:
+        yield
+        return
+    hidden = pytest.MonkeyPatch()
+    hidden.setenv("CUDA_VISIBLE_DEVICES", "")  # subprocesses see no GPU
+    hidden.setattr(torch.cuda, "is_available", lambda: False)  # nor does "auto" in this process
+    yield
+    hidden.undo()
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +43,26 @@ def toy_world(tmp_path_factory):
                           n_eval_images=10)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                               reason="needs a CUDA GPU"))])
-def device(request):
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))])
+def device(request, monkeypatch):
     """A test taking `device` runs on the CPU, and again on CUDA where there is a GPU."""
+    if request.param == "cuda":
+        show_the_gpu(monkeypatch)
     return request.param
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """For a test that means something only on a GPU (NCCL, say): skipped without one."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    show_the_gpu(monkeypatch)
+
+
+def show_the_gpu(monkeypatch):
+    """Undo cpu_unless_the_test_asks_for_cuda for one test and its subprocesses."""
+    if VISIBLE_DEVICES is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", VISIBLE_DEVICES)
+    monkeypatch.setattr(torch.cuda, "is_available", REAL_CUDA_IS_AVAILABLE)
