@@ -26,17 +26,21 @@ from model import load_clip, load_llama, load_llava
 from train import main as train_main, peak_flops, swap_positions, swap_shapes, token_wise_similarity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 pytestmark = pytest.mark.slow
 # train.py refuses FSDP on the CPU below torch 2.9 (its main says why)
 needs_cpu_fsdp = pytest.mark.skipif(torch.__version__ < "2.9", reason="FSDP on the CPU (gloo) needs torch >= 2.9")
 
 
+def env():
+    """Read at each run, not at import: conftest hides a GPU from all but the tests that take `device`."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
 def train(runs, *args, check=True, background=False):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--runs-dir", str(runs), *map(str, args)]
     if background:
-        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+        return subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -49,7 +53,7 @@ def torchrun(runs, *args):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            os.path.join(REPO, "train.py"), "--runs-dir", str(runs), *map(str, args)]
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
