@@ -191,11 +191,17 @@ def resolve_config(argv=None) -> TrainConfig:
 def setup_distributed(cfg: TrainConfig):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this machine has no CUDA GPU that torch can use")
+    if cuda and local_rank >= torch.cuda.device_count():  # before NCCL, which would fail less clearly
+        raise SystemExit(f"LOCAL_RANK {local_rank}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                         f"torchrun needs one rank per GPU (--nproc_per_node {torch.cuda.device_count()})")
     if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = dist.get_rank(), dist.get_world_size()
     else:
-        rank, world, local_rank = 0, 1, 0
+        rank, world = 0, 1
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -364,11 +364,26 @@ def test_fsdp_on_the_cpu_refuses_a_torch_whose_gloo_averages_wrongly(monkeypatch
     assert not any(tmp_path.iterdir())  # refused before anything was made
 
 
+@pytest.mark.parametrize("gpus, local_rank, error", [
+    (0, 0, "--device cuda: this machine has no CUDA GPU"),
+    (1, 1, r"LOCAL_RANK 1, but this machine has 1 GPU\(s\): torchrun needs one rank per GPU \(--nproc_per_node 1\)")])
+def test_a_rank_without_a_gpu_of_its_own_stops_before_any_work(gpus, local_rank, error, monkeypatch, tmp_path):
+    """`--device cuda` where torch sees no GPU, and torchrun starting more ranks than the machine has GPUs (two ranks
+    on one GPU would ask for cuda:1), stop with a reason before NCCL or CUDA would fail less clearly."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(SystemExit, match=error):
+        train_main(["--stage", "1", "--device", "cuda", "--runs-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
 def test_mfu_peak_follows_the_gpu_model():
     """MFU divides by the GPU's own dense bf16 peak: the PCIe H100 is slower than the SXM one, and a GPU not in the
     table gets no MFU rather than one computed against an H100."""
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12  # the H100's compute, with more and faster memory
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Tesla T4") is None
 
