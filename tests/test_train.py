@@ -46,12 +46,12 @@ def train(runs, *args, check=True, background=False):
     return out
 
 
-def torchrun(runs, *args):
-    """train.py on 2 gloo ranks of one machine."""
+def torchrun(runs, *args, ranks=2):
+    """train.py on `ranks` ranks of one machine (gloo on the CPU, NCCL on GPUs)."""
     with socket.socket() as s:  # a free port: a fixed one may still be held by an earlier run
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
            os.path.join(REPO, "train.py"), "--runs-dir", str(runs), *map(str, args)]
     out = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -167,6 +167,35 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tm
     resumed = trainable(tmp_path / "resumed_by_one", 4)
     for name in one:
         assert torch.allclose(one[name], resumed[name], rtol=0, atol=1e-5), name
+
+
+def test_one_gpu_rank_under_torchrun_trains_as_one_process_with_ddp_and_fsdp(runs, stage1_model, tmp_path, gpu):
+    """The GPU recipe's engines on a one-GPU machine: torchrun starts one NCCL rank (DDP, then FSDP2 in bf16), and
+    it trains stage 2 as one plain process does on the GPU, logging MFU and peak memory. The 2-rank equivalences are
+    the gloo tests above; a second rank would need a second GPU."""
+    common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 8, "--micro-batch", 4, "--max-steps", 4,
+              "--save-every", 100, "--lr", 2e-4, "--device", "cuda"]  # lr: see the FSDP test
+    train(runs, *common, "--out-dir", tmp_path / "one")
+    for engine, options in (("ddp", []), ("fsdp", ["--fsdp", "true"])):
+        out = torchrun(runs, *common, "--out-dir", tmp_path / engine, *options, ranks=1)
+        assert "1 ranks × 2 micro-steps × 4" in out.stdout + out.stderr
+        logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", engine)]
+        assert len(logs[0]) == len(logs[1]) == 4
+        for plain, launched in zip(*logs):  # bf16 compute: the same up to its rounding (FSDP casts the weights
+            assert launched["loss"] == pytest.approx(plain["loss"], rel=1e-2)  # once per step, autocast per use)
+            assert launched["grad_norm"] == pytest.approx(plain["grad_norm"], rel=3e-2)
+            assert launched["peak_mem_gb"] > 0
+            if peak_flops(torch.cuda.get_device_name()):
+                assert 0 < launched["mfu"] < 1
+        one, other = trainable(tmp_path / "one", 4), trainable(tmp_path / engine, 4)
+        assert one.keys() == other.keys() and any(k.startswith("language_model.layers.") for k in one)
+        # Adam moves a weight by about lr a step whatever its gradient's size, so a near-zero gradient's rounding
+        # can move a few weights apart by that much; almost all must stay within a tenth of it
+        close = [torch.isclose(one[name], other[name], rtol=0, atol=2e-4 * 4 / 10) for name in one]
+        assert sum(c.sum() for c in close) >= 0.99 * sum(c.numel() for c in close), engine
+        model = load_llava(str(tmp_path / engine / "model"))
+        assert torch.equal(model.state_dict()["multi_modal_projector.linear_1.weight"],
+                           other["multi_modal_projector.linear_1.weight"])
 
 
 def test_packed_or_length_sorted_micro_steps_train_as_one_micro_batch(runs, stage1_model, tmp_path):
