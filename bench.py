@@ -11,12 +11,15 @@ that does not fit is reported as out of memory). Prints one JSON object: both si
 where transformers is not installed). Weights are random (nothing is downloaded); greedy tokens are checked to be
 equal on both sides, and, with --compile (the default on a GPU), between our eager and compiled decode. --compile
 also compiles our decoder layers for training, as train.py --compile; run once with --compile false to see what that
-gives.
+gives. Each measure prints a progress line to stderr, and --out FILE keeps everything measured so far in FILE, so that
+a run cut short still reports (`.ci/gpu` runs it so on a GPU machine).
 """
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -47,6 +50,11 @@ def peak_memory(fn, device):
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(fn, device, 1)
     return seconds, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def error_text(e: Exception) -> str:
+    """A failed measure's line in the results."""
+    return "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"[:200]
 
 
 def build(preset, device, dtype):
@@ -100,50 +108,55 @@ def prompts(config, batch, n_text, seed):
     return ours, torch.tensor(theirs)
 
 
-def bench_inference(ours, theirs, args, device, dtype):
+def bench_inference(ours, theirs, args, device, dtype, batch, results, save):
+    """Time to first token (at batch 1) and greedy decode tokens/s of both sides at one batch size."""
     config = ours.config
     S = config.vision.image_size
-    results = {"ours": {}, "transformers": {}}
-    for batch in (1, args.batch):
-        ids, hf_ids = prompts(config, batch, args.prompt_tokens, seed=batch)
-        images = torch.randn(batch, 3, S, S, device=device, dtype=dtype)
-        hf_ids, mask = hf_ids.to(device), torch.ones_like(hf_ids, device=device)
+    ids, hf_ids = prompts(config, batch, args.prompt_tokens, seed=batch)
+    images = torch.randn(batch, 3, S, S, device=device, dtype=dtype)
+    hf_ids, mask = hf_ids.to(device), torch.ones_like(hf_ids, device=device)
 
-        def ours_run(n, compile=False):  # compiled runs keep the KV cache: the next replays the CUDA graph on it
-            return ours.generate(ids, images, max_new_tokens=n, eos_token_id=-1, compile=compile, keep_cache=compile)
+    def ours_run(n, compile=False):  # compiled runs keep the KV cache: the next replays the CUDA graph on it
+        return ours.generate(ids, images, max_new_tokens=n, eos_token_id=-1, compile=compile, keep_cache=compile)
 
-        def theirs_run(n, cache=None):
-            with torch.no_grad():
-                return theirs.generate(input_ids=hf_ids, attention_mask=mask, pixel_values=images, max_new_tokens=n,
-                                       do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation=cache)
+    def theirs_run(n, cache=None):
+        with torch.no_grad():
+            return theirs.generate(input_ids=hf_ids, attention_mask=mask, pixel_values=images, max_new_tokens=n,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation=cache)
 
-        n = args.new_tokens
-        eager = ours_run(n)
-        if args.compile:  # the compiled decode step must give the eager path's greedy tokens
+    n, compile = args.new_tokens, args.compile
+    eager = ours_run(n)
+    if compile:  # the compiled decode step must give the eager path's greedy tokens
+        try:
             results["ours"][f"compiled_equal_to_eager_b{batch}"] = ours_run(n, compile=True) == eager
-        if batch == 1:
-            results["ours"]["ttft_ms"] = 1e3 * timed(lambda: ours_run(1), device, args.repeats)
-        # decode speed: generated tokens after the first, over the time after the first
-        ttft_ours = timed(lambda: ours_run(1, args.compile), device, args.repeats)
-        total = timed(lambda: ours_run(n, args.compile), device, args.repeats)
-        results["ours"][f"decode_b{batch}_tok_s"] = batch * (n - 1) / (total - ttft_ours)
-        ours.language_model.clear_cache()
-        if theirs is None:
-            continue
-        results["ours"][f"greedy_equal_to_transformers_b{batch}"] = eager == theirs_run(n)[:, -n:].tolist()
-        if batch == 1:
-            results["transformers"]["ttft_ms"] = 1e3 * timed(lambda: theirs_run(1), device, args.repeats)
-        ttft_theirs = timed(lambda: theirs_run(1), device, args.repeats)
-        for name, cache in (("dynamic", None), ("static", "static")):
-            try:
-                total = timed(lambda: theirs_run(n, cache), device, args.repeats)
-                results["transformers"][f"decode_b{batch}_{name}_tok_s"] = batch * (n - 1) / (total - ttft_theirs)
-            except Exception as e:  # report, not crash: one side's failure is a result too
-                results["transformers"][f"decode_b{batch}_{name}_error"] = f"{type(e).__name__}: {e}"[:200]
-    return results
+        except Exception as e:  # reported, and the eager decode is timed instead, on a fresh cache
+            results["ours"][f"compiled_b{batch}_error"] = error_text(e)
+            ours.language_model.clear_cache()
+            compile = False
+    if batch == 1:
+        results["ours"]["ttft_ms"] = 1e3 * timed(lambda: ours_run(1), device, args.repeats)
+    # decode speed: generated tokens after the first, over the time after the first
+    ttft_ours = timed(lambda: ours_run(1, compile), device, args.repeats)
+    total = timed(lambda: ours_run(n, compile), device, args.repeats)
+    results["ours"][f"decode_b{batch}_tok_s"] = batch * (n - 1) / (total - ttft_ours)
+    ours.language_model.clear_cache()
+    save(f"ours, batch {batch}")
+    if theirs is None:
+        return
+    results["ours"][f"greedy_equal_to_transformers_b{batch}"] = eager == theirs_run(n)[:, -n:].tolist()
+    if batch == 1:
+        results["transformers"]["ttft_ms"] = 1e3 * timed(lambda: theirs_run(1), device, args.repeats)
+    ttft_theirs = timed(lambda: theirs_run(1), device, args.repeats)
+    for name, cache in (("dynamic", None), ("static", "static")):
+        try:
+            total = timed(lambda: theirs_run(n, cache), device, args.repeats)
+            results["transformers"][f"decode_b{batch}_{name}_tok_s"] = batch * (n - 1) / (total - ttft_theirs)
+        except Exception as e:  # report, not crash: one side's failure is a result too
+            results["transformers"][f"decode_b{batch}_{name}_error"] = error_text(e)
+        save(f"transformers, batch {batch}, {name} cache")
 
 
-def bench_training(ours, theirs, args, device, dtype):
+def bench_training(ours, theirs, args, device, dtype, results, save):
     """Stage 1 (projector trains, full optimizer step) and stage 2 (LLM + projector, forward + backward)."""
     config = ours.config
     S = config.vision.image_size
@@ -158,7 +171,6 @@ def bench_training(ours, theirs, args, device, dtype):
         hf_labels[hf_ids == config.image_token_index] = -100
         images = torch.randn(batch, 3, S, S, device=device, dtype=dtype)
         inputs[stage] = (batch, ids, labels, hf_ids, hf_labels, images)
-    results = {"ours": {}, "transformers": {}}
     for side, model, other in (("ours", ours, theirs), ("transformers", theirs, ours)):
         if model is None:
             continue
@@ -198,18 +210,17 @@ def bench_training(ours, theirs, args, device, dtype):
                     model.gradient_checkpointing_disable()
                 try:
                     seconds, peak = peak_memory(step, device)
-                except torch.OutOfMemoryError:  # a result too: this setup does not fit the GPU
-                    results[side][f"stage{stage}{suffix}_error"] = "out of memory"
+                    results[side][f"stage{stage}{suffix}_tok_s"] = batch * args.train_positions / seconds
+                    results[side][f"stage{stage}{suffix}_peak_gb"] = peak
+                except Exception as e:  # a result too: this setup does not fit the GPU, or failed to compile
+                    results[side][f"stage{stage}{suffix}_error"] = error_text(e)
                     for p in trainable:  # a backward cut short may have left some
                         p.grad = None
-                    continue
-                results[side][f"stage{stage}{suffix}_tok_s"] = batch * args.train_positions / seconds
-                results[side][f"stage{stage}{suffix}_peak_gb"] = peak
+                save(f"{side}, stage {stage}, checkpointing {'on' if checkpointing else 'off'}")
             model.requires_grad_(False)
             model.eval()
         if other is not None:
             other.to(device)
-    return results
 
 
 def main():
@@ -228,6 +239,8 @@ def main():
     parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                         help="compile our decode step, and our decoder layers in training (default: on a GPU)")
     parser.add_argument("--skip-training", action="store_true", help="measure only generation")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON object here, rewritten after each measure "
+                        "with everything measured so far (progress goes to stderr)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -238,36 +251,49 @@ def main():
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     dtype = torch.bfloat16 if cuda else torch.float32
+    started = time.time()
     ours, theirs = build(args.preset, device, dtype)
-    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "preset": args.preset,
-               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "compiled": args.compile}
+    print(f"bench.py: {args.preset} built, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
+               "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+               "compiled": args.compile, "ours": {}}
     if theirs is not None:
         import transformers
-        results["transformers_version"] = transformers.__version__
-    parts = [bench_inference(ours, theirs, args, device, dtype)]
+        results.update(transformers_version=transformers.__version__, transformers={})
+
+    def save(measured):
+        """After each measure: a progress line, and with --out the results so far in that file, so that a run cut
+        short (by a GPU lease's time limit, say) keeps what it measured."""
+        print(f"bench.py: {measured} measured, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        if args.out:
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(with_ratios(results, args), f, indent=2)
+            os.replace(args.out + ".tmp", args.out)
+
+    for batch in (1, args.batch):
+        bench_inference(ours, theirs, args, device, dtype, batch, results, save)
     if not args.skip_training:
-        parts.append(bench_training(ours, theirs, args, device, dtype))
-    for side in ("ours", "transformers"):
-        results[side] = {k: v for part in parts for k, v in part[side].items()}
+        bench_training(ours, theirs, args, device, dtype, results, save)
+    print(json.dumps(with_ratios(results, args), indent=2))
+
+
+def with_ratios(results, args):
+    """The results and the ours/theirs ratios; a ratio is None where a side has no figure (it ran out of memory,
+    failed, or was not measured yet)."""
+    if "transformers" not in results:
+        return results
     o, t = results["ours"], results["transformers"]
-    if theirs is None:
-        del results["transformers"]
-        print(json.dumps(results, indent=2))
-        return
+    ratio = lambda a, b: a / b if a and b else None
     best = lambda b: max((v for k, v in t.items() if k.startswith(f"decode_b{b}_") and k.endswith("tok_s")), default=None)
-    results["ratios"] = {
-        "ttft (theirs/ours, >1 = faster)": t["ttft_ms"] / o["ttft_ms"],
-        "decode_b1 (ours/theirs best)": o["decode_b1_tok_s"] / best(1) if best(1) else None,
-        f"decode_b{args.batch} (ours/theirs best)": o[f"decode_b{args.batch}_tok_s"] / best(args.batch)
-        if best(args.batch) else None,
-    }
+    ratios = {"ttft (theirs/ours, >1 = faster)": ratio(t.get("ttft_ms"), o.get("ttft_ms"))}
+    for batch in (1, args.batch):
+        ratios[f"decode_b{batch} (ours/theirs best)"] = ratio(o.get(f"decode_b{batch}_tok_s"), best(batch))
     if not args.skip_training:
-        ratio = lambda a, b: o[a] / t[b] if a in o and b in t else None  # None where a side ran out of memory
         for stage in (1, 2):
-            results["ratios"][f"stage{stage} tok/s (ours/theirs)"] = ratio(f"stage{stage}_tok_s", f"stage{stage}_tok_s")
-            results["ratios"][f"stage{stage} tok/s (ours without checkpointing/theirs with)"] = \
-                ratio(f"stage{stage}_no_ckpt_tok_s", f"stage{stage}_tok_s")
-    print(json.dumps(results, indent=2))
+            ratios[f"stage{stage} tok/s (ours/theirs)"] = ratio(o.get(f"stage{stage}_tok_s"), t.get(f"stage{stage}_tok_s"))
+            ratios[f"stage{stage} tok/s (ours without checkpointing/theirs with)"] = \
+                ratio(o.get(f"stage{stage}_no_ckpt_tok_s"), t.get(f"stage{stage}_tok_s"))
+    return dict(results, ratios=ratios)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,20 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_runs_tiny_and_matches_transformers(device):
+def test_bench_runs_tiny_and_matches_transformers(device, tmp_path):
     out = subprocess.run([sys.executable, "bench.py", "--device", device, "--preset", "tiny", "--new-tokens", "8",
                           "--batch", "2", "--train-positions", "40", "--stage1-batch", "2", "--stage2-batch", "2",
-                          "--repeats", "1", "--compile", "true"],
+                          "--repeats", "1", "--compile", "true", "--out", tmp_path / "bench.json"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
+    assert json.loads((tmp_path / "bench.json").read_text()) == result  # --out's last rewrite is the whole result
+    assert "bench.py: transformers, stage 2, checkpointing off measured" in out.stderr  # progress, measure by measure
     assert result["preset"] == "tiny"
     if device == "cpu":
         assert result["device"] == "cpu" and result["dtype"] == "float32"
@@ -70,3 +74,52 @@ def test_a_training_setup_that_runs_out_of_memory_is_reported_and_the_run_goes_o
     ratios = result["ratios"]
     assert ratios["stage1 tok/s (ours without checkpointing/theirs with)"] is None
     assert ratios["stage2 tok/s (ours/theirs)"] == 1.0  # both sides took the same (faked) time
+
+
+def test_a_run_cut_short_keeps_what_it_measured_in_its_out_file(monkeypatch, tmp_path):
+    """A GPU lease's time limit may stop bench.py mid-run: --out holds every measure taken before, with its ratios."""
+    import bench
+
+    def killed(*args):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(bench, "bench_training", killed)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--preset", "tiny", "--new-tokens", "4",
+                                      "--batch", "2", "--repeats", "1", "--compile", "false",
+                                      "--out", str(tmp_path / "bench.json")])
+    with pytest.raises(SystemExit):
+        bench.main()
+    result = json.loads((tmp_path / "bench.json").read_text())
+    for side in (result["ours"], result["transformers"]):
+        assert side["ttft_ms"] > 0 and "stage1_tok_s" not in side
+    assert result["ours"]["decode_b2_tok_s"] > 0 and result["transformers"]["decode_b2_static_tok_s"] > 0
+    assert result["ratios"]["decode_b2 (ours/theirs best)"] > 0
+    assert result["ratios"]["stage1 tok/s (ours/theirs)"] is None  # not measured
+    assert not (tmp_path / "bench.json.tmp").exists()
+
+
+def test_a_compile_that_fails_is_reported_and_the_eager_path_is_timed(monkeypatch, capsys):
+    """torch.compile fails when first called, as inductor or a CUDA graph may on a new machine: the decode is timed
+    eagerly with the error beside it, the training setups of compiled layers report it, and the run goes on."""
+    import torch
+
+    import bench
+
+    def compile_that_fails(fn, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("inductor failed")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--preset", "tiny", "--new-tokens", "4",
+                                      "--batch", "2", "--train-positions", "40", "--repeats", "1", "--compile", "true"])
+    bench.main()
+    result = json.loads(capsys.readouterr().out)
+    ours = result["ours"]
+    for batch in (1, 2):
+        assert ours[f"compiled_b{batch}_error"] == "RuntimeError: inductor failed"
+        assert ours[f"decode_b{batch}_tok_s"] > 0 and ours[f"greedy_equal_to_transformers_b{batch}"] is True
+    for stage in (1, 2):  # our compiled layers fail; transformers' eager ones still train
+        assert ours[f"stage{stage}_error"] == "RuntimeError: inductor failed"
+        assert result["transformers"][f"stage{stage}_tok_s"] > 0
+        assert result["ratios"][f"stage{stage} tok/s (ours/theirs)"] is None
