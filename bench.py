@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from model import IMAGE_TOKEN_INDEX, Llava, LlavaConfig, hf_state_dict
+from model import DTYPES, IMAGE_TOKEN_INDEX, Llava, LlavaConfig, hf_state_dict
 
 
 def timed(fn, device, repeats):
@@ -259,6 +259,7 @@ def main():
     parser.add_argument("--preset", default=None, help="llava-v1.5-7b (default on a GPU) or tiny (default on a CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--prompt-tokens", type=int, default=48, help="text tokens around the image")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (32 on a CPU)")
     parser.add_argument("--batch", type=int, default=8, help="the second decode batch size")
@@ -281,7 +282,7 @@ def main():
                            ("stage2_batch", 8, 4)):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = (torch.bfloat16 if cuda else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
     started = time.time()
     ours, theirs = build(args.preset, device, dtype)
     print(f"bench.py: {args.preset} built, {time.time() - started:.0f} s", file=sys.stderr, flush=True)

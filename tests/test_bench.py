@@ -13,12 +13,25 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_runs_tiny_and_matches_transformers(device, tmp_path):
-    out = subprocess.run([sys.executable, "bench.py", "--device", device, "--preset", "tiny", "--new-tokens", "8",
-                          "--batch", "2", "--train-positions", "40", "--stage1-batch", "2", "--stage2-batch", "2",
-                          "--repeats", "1", "--compile", "true", "--out", tmp_path / "bench.json"],
+def run_bench(*args):
+    out = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--batch", "2", "--train-positions", "40",
+                          "--stage1-batch", "2", "--stage2-batch", "2", "--repeats", "1", *map(str, args)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def assert_same_greedy_tokens(ours, exactly):
+    """Equal to our eager decode's, or (where bf16 rounds each side its own way) until a near tie at most: see
+    bench.first_difference."""
+    for batch in (1, 2):
+        for equal, parted in (("greedy_equal_to_transformers", "transformers_first_difference"),
+                              ("compiled_equal_to_eager", "compiled_first_difference")):
+            assert ours[f"{equal}_b{batch}"] or (not exactly and ours[f"{parted}_b{batch}"]["margin"] < 0.1), ours
+
+
+def test_bench_runs_tiny_and_matches_transformers(device, tmp_path):
+    out = run_bench("--device", device, "--new-tokens", 8, "--compile", "true", "--out", tmp_path / "bench.json")
     result = json.loads(out.stdout)
     assert json.loads((tmp_path / "bench.json").read_text()) == result  # --out's last rewrite is the whole result
     assert "bench.py: transformers, stage 2, checkpointing off measured" in out.stderr  # progress, measure by measure
@@ -32,13 +45,8 @@ def test_bench_runs_tiny_and_matches_transformers(device, tmp_path):
                 assert 0 < side[f"stage{stage}_peak_gb"] < side[f"stage{stage}_no_ckpt_peak_gb"]
     assert result["compiled"] is True
     ours, theirs = result["ours"], result["transformers"]
-    for batch in (1, 2):  # same weights, same prompts: the same greedy tokens as transformers' generate
-        for equal, parted in (("greedy_equal_to_transformers", "transformers_first_difference"),
-                              ("compiled_equal_to_eager", "compiled_first_difference")):
-            if device == "cpu":  # fp32: exactly
-                assert ours[f"{equal}_b{batch}"] is True
-            else:  # bf16: until a near tie at most (see bench.first_difference)
-                assert ours[f"{equal}_b{batch}"] or ours[f"{parted}_b{batch}"]["margin"] < 0.1, ours
+    # same weights, same prompts: the same greedy tokens as transformers' generate, compiled or not
+    assert_same_greedy_tokens(ours, exactly=device == "cpu")  # fp32 on the CPU, bf16 on CUDA
     for side in (ours, theirs):
         for key in ("ttft_ms", "stage1_tok_s", "stage2_tok_s", "stage1_no_ckpt_tok_s", "stage2_no_ckpt_tok_s"):
             assert math.isfinite(side[key]) and side[key] > 0, key
@@ -49,6 +57,15 @@ def test_bench_runs_tiny_and_matches_transformers(device, tmp_path):
                                      "stage1 tok/s (ours without checkpointing/theirs with)",
                                      "stage2 tok/s (ours without checkpointing/theirs with)"}
     assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
+
+
+def test_bench_in_bf16_on_the_cpu():
+    """The GPU's dtype where CI can run it: both models built in bf16, greedy tokens compared as on a GPU."""
+    result = json.loads(run_bench("--device", "cpu", "--dtype", "bf16", "--new-tokens", 16, "--compile", "true",
+                                  "--skip-training").stdout)
+    assert result["dtype"] == "bfloat16" and set(result) >= {"ours", "transformers", "ratios"}
+    assert_same_greedy_tokens(result["ours"], exactly=False)
+    assert result["ours"]["decode_b1_tok_s"] > 0 and result["transformers"]["decode_b2_static_tok_s"] > 0
 
 
 def test_a_training_setup_that_runs_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch, capsys):
