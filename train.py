@@ -191,7 +191,7 @@ def resolve_config(argv=None) -> TrainConfig:
 def setup_distributed(cfg: TrainConfig):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if "RANK" in os.environ else 0
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this machine has no CUDA GPU that torch can use")
     if cuda and local_rank >= torch.cuda.device_count():  # before NCCL, which would fail less clearly

@@ -401,7 +401,8 @@ def test_a_rank_without_a_gpu_of_its_own_stops_before_any_work(gpus, local_rank,
     on one GPU would ask for cuda:1), stop with a reason before NCCL or CUDA would fail less clearly."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    for name, value in (("RANK", local_rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", 2)):  # as torchrun sets
+        monkeypatch.setenv(name, str(value))
     with pytest.raises(SystemExit, match=error):
         train_main(["--stage", "1", "--device", "cuda", "--runs-dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
