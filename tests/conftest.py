@@ -18,15 +18,12 @@ def cpu_unless_the_test_asks_for_cuda():
     """train.py, eval.py and chat.py take the GPU when their --device is "auto" and there is one. The suite is written
     for the CPU (fp32 references, bitwise resume, two gloo ranks on one machine, which on one GPU would ask for a
     second), so on a GPU machine the GPU is hidden from every test, in-process and in its subprocesses, but from those
-    that take `device` and got "cuda"."""
-    if not HAS_CUDA:
+    that take `device` (and got "cuda") or `gpu`."""
+    with pytest.MonkeyPatch.context() as hidden:
+        if HAS_CUDA:
+            hidden.setenv("CUDA_VISIBLE_DEVICES", "")  # subprocesses see no GPU
+            hidden.setattr(torch.cuda, "is_available", lambda: False)  # nor does "auto" in this process
         yield
-        return
-    hidden = pytest.MonkeyPatch()
-    hidden.setenv("CUDA_VISIBLE_DEVICES", "")  # subprocesses see no GPU
-    hidden.setattr(torch.cuda, "is_available", lambda: False)  # nor does "auto" in this process
-    yield
-    hidden.undo()
 
 
 @pytest.fixture(scope="session")
