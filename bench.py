@@ -43,6 +43,16 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
+def decode_tokens_per_s(generate, batch, new_tokens, device, repeats):
+    """Greedy decode speed: the tokens after the first over the time after the first. The first token is timed with
+    the same cache and compile settings as the whole run, since each setting has its own prefill cost."""
+    first = timed(lambda: generate(1), device, repeats)
+    total = timed(lambda: generate(new_tokens), device, repeats)
+    if total <= first:
+        raise ValueError(f"{new_tokens} new tokens took no longer than one: too few to time (--new-tokens)")
+    return batch * (new_tokens - 1) / (total - first)
+
+
 def peak_memory(fn, device):
     """(seconds, peak GiB) of one run of fn after a warm-up."""
     fn()
@@ -163,10 +173,8 @@ def bench_inference(ours, theirs, args, device, dtype, batch, results, save):
             compile = False
     if batch == 1:
         results["ours"]["ttft_ms"] = 1e3 * timed(lambda: ours_run(1), device, args.repeats)
-    # decode speed: generated tokens after the first, over the time after the first
-    ttft_ours = timed(lambda: ours_run(1, compile), device, args.repeats)
-    total = timed(lambda: ours_run(n, compile), device, args.repeats)
-    results["ours"][f"decode_b{batch}_tok_s"] = batch * (n - 1) / (total - ttft_ours)
+    results["ours"][f"decode_b{batch}_tok_s"] = decode_tokens_per_s(lambda k: ours_run(k, compile), batch, n, device,
+                                                                    args.repeats)
     ours.language_model.clear_cache()
     save(f"ours, batch {batch}")
     if theirs is None:
@@ -174,11 +182,10 @@ def bench_inference(ours, theirs, args, device, dtype, batch, results, save):
     compare("greedy_equal_to_transformers", "transformers_first_difference", theirs_run(n)[:, -n:].tolist())
     if batch == 1:
         results["transformers"]["ttft_ms"] = 1e3 * timed(lambda: theirs_run(1), device, args.repeats)
-    ttft_theirs = timed(lambda: theirs_run(1), device, args.repeats)
     for name, cache in (("dynamic", None), ("static", "static")):
         try:
-            total = timed(lambda: theirs_run(n, cache), device, args.repeats)
-            results["transformers"][f"decode_b{batch}_{name}_tok_s"] = batch * (n - 1) / (total - ttft_theirs)
+            results["transformers"][f"decode_b{batch}_{name}_tok_s"] = decode_tokens_per_s(
+                lambda k: theirs_run(k, cache), batch, n, device, args.repeats)
         except Exception as e:  # report, not crash: one side's failure is a result too
             results["transformers"][f"decode_b{batch}_{name}_error"] = error_text(e)
         save(f"transformers, batch {batch}, {name} cache")

@@ -171,3 +171,25 @@ def test_first_difference_finds_the_earliest_parting_and_its_margin():
     assert int(at_step.argmax()) == eager[1][3]  # teacher-forced, fp32: the position that chose that token
     best, runner_up = at_step.topk(2).values
     assert found["margin"] == pytest.approx(float((best - runner_up) / at_step.std()), abs=1e-4) and found["margin"] > 0
+
+
+def test_decode_speed_counts_only_the_tokens_after_the_first_with_the_same_settings(monkeypatch):
+    """A decode's tokens/s leaves out its own first token: transformers' static cache prefills at another cost than
+    its dynamic one (slower in some versions, faster in others), so subtracting another setting's first-token time
+    gave wrong rates, negative with transformers 5.17 on the CPU."""
+    import torch
+
+    import bench
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def generate_with(prefill_s, per_token_s):
+        def generate(new_tokens):  # the first token comes with the prefill
+            clock[0] += prefill_s + per_token_s * (new_tokens - 1)
+        return generate
+
+    cpu = torch.device("cpu")
+    for prefill_s in (0.5, 0.001):
+        assert bench.decode_tokens_per_s(generate_with(prefill_s, 0.01), 8, 33, cpu, 3) == pytest.approx(800)
+    with pytest.raises(ValueError, match="too few to time"):
+        bench.decode_tokens_per_s(generate_with(0.5, 0.0), 1, 4, cpu, 3)
