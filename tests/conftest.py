@@ -18,7 +18,7 @@ def cpu_unless_the_test_asks_for_cuda():
     """train.py, eval.py and chat.py take the GPU when their --device is "auto" and there is one. The suite is written
     for the CPU (fp32 references, bitwise resume, two gloo ranks on one machine, which on one GPU would ask for a
     second), so on a GPU machine the GPU is hidden from every test, in-process and in its subprocesses, but from those
-    that take `device` (and got "cuda") or `gpu`."""
+    that take `device` and got "cuda"."""
     with pytest.MonkeyPatch.context() as hidden:
         if HAS_CUDA:
             hidden.setenv("CUDA_VISIBLE_DEVICES", "")  # subprocesses see no GPU
@@ -46,14 +46,6 @@ def device(request, monkeypatch):
     if request.param == "cuda":
         show_the_gpu(monkeypatch)
     return request.param
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    """For a test that means something only on a GPU (NCCL, say): skipped without one."""
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    show_the_gpu(monkeypatch)
 
 
 def show_the_gpu(monkeypatch):

@@ -169,25 +169,32 @@ def test_two_process_fsdp_matches_one_process_and_resumes(runs, stage1_model, tm
         assert torch.allclose(one[name], resumed[name], rtol=0, atol=1e-5), name
 
 
-def test_one_gpu_rank_under_torchrun_trains_as_one_process_with_ddp_and_fsdp(runs, stage1_model, tmp_path, gpu):
-    """The GPU recipe's engines on a one-GPU machine: torchrun starts one NCCL rank (DDP, then FSDP2 in bf16), and
-    it trains stage 2 as one plain process does on the GPU, logging MFU and peak memory. The 2-rank equivalences are
-    the gloo tests above; a second rank would need a second GPU."""
+def test_one_rank_under_torchrun_trains_in_bf16_as_one_process_with_ddp_and_fsdp(runs, stage1_model, tmp_path,
+                                                                                   device):
+    """The GPU recipe's engines in its precision on a one-GPU machine: torchrun starts one NCCL rank (DDP, then FSDP2),
+    and it trains stage 2 in bf16 as one plain process does on the GPU, logging MFU and peak memory. The same with
+    one gloo rank on the CPU. The 2-rank equivalences are the fp32 gloo tests above; a second NCCL rank would need a
+    second GPU."""
+    if device == "cpu" and torch.__version__ < "2.9":
+        pytest.skip("FSDP on the CPU (gloo) needs torch >= 2.9")
     common = ["--stage", 2, "--projector", stage1_model, "--global-batch", 8, "--micro-batch", 4, "--max-steps", 4,
-              "--save-every", 100, "--lr", 2e-4, "--device", "cuda"]  # lr: see the FSDP test
+              "--save-every", 100, "--lr", 2e-4, "--device", device, "--dtype", "bf16"]  # lr: see the FSDP test
     train(runs, *common, "--out-dir", tmp_path / "one")
     for engine, options in (("ddp", []), ("fsdp", ["--fsdp", "true"])):
         out = torchrun(runs, *common, "--out-dir", tmp_path / engine, *options, ranks=1)
         assert "1 ranks × 2 micro-steps × 4" in out.stdout + out.stderr
         logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", engine)]
         assert len(logs[0]) == len(logs[1]) == 4
-        # bf16 compute: the same up to its rounding (FSDP casts the weights once per step, autocast at each use)
+        # bf16 compute: the same up to its rounding (FSDP casts the weights once per step, autocast at each use). On
+        # the CPU (2026-12-04) DDP's run was bitwise the plain one, FSDP's losses and grad norms within 0.08 %, and
+        # 99.8 % of its weights within the tolerance below
         for plain, launched in zip(*logs):
             assert launched["loss"] == pytest.approx(plain["loss"], rel=1e-2)
             assert launched["grad_norm"] == pytest.approx(plain["grad_norm"], rel=3e-2)
-            assert launched["peak_mem_gb"] > 0
-            if peak_flops(torch.cuda.get_device_name()):
-                assert 0 < launched["mfu"] < 1
+            if device == "cuda":
+                assert launched["peak_mem_gb"] > 0
+                if peak_flops(torch.cuda.get_device_name()):
+                    assert 0 < launched["mfu"] < 1
         one, other = trainable(tmp_path / "one", 4), trainable(tmp_path / engine, 4)
         assert one.keys() == other.keys() and any(k.startswith("language_model.layers.") for k in one)
         # Adam moves a weight by about lr a step whatever its gradient's size, so a near-zero gradient's rounding
