@@ -261,6 +261,25 @@ def bench_training(ours, theirs, args, device, dtype, results, save):
             other.to(device)
 
 
+def with_ratios(results, args):
+    """The results and the ours/theirs ratios; a ratio is None where a side has no figure (it ran out of memory,
+    failed, or was not measured yet)."""
+    if "transformers" not in results:
+        return results
+    o, t = results["ours"], results["transformers"]
+    ratio = lambda a, b: a / b if a and b else None
+    best = lambda b: max((v for k, v in t.items() if k.startswith(f"decode_b{b}_") and k.endswith("tok_s")), default=None)
+    ratios = {"ttft (theirs/ours, >1 = faster)": ratio(t.get("ttft_ms"), o.get("ttft_ms"))}
+    for batch in sorted({1, args.batch}):
+        ratios[f"decode_b{batch} (ours/theirs best)"] = ratio(o.get(f"decode_b{batch}_tok_s"), best(batch))
+    if not args.skip_training:
+        for stage in (1, 2):
+            ratios[f"stage{stage} tok/s (ours/theirs)"] = ratio(o.get(f"stage{stage}_tok_s"), t.get(f"stage{stage}_tok_s"))
+            ratios[f"stage{stage} tok/s (ours without checkpointing/theirs with)"] = \
+                ratio(o.get(f"stage{stage}_no_ckpt_tok_s"), t.get(f"stage{stage}_tok_s"))
+    return dict(results, ratios=ratios)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="llava-v1.5-7b (default on a GPU) or tiny (default on a CPU)")
@@ -317,25 +336,6 @@ def main():
     if args.batch != 1:
         bench_inference(ours, theirs, args, device, dtype, args.batch, results, save)
     print(json.dumps(with_ratios(results, args), indent=2))
-
-
-def with_ratios(results, args):
-    """The results and the ours/theirs ratios; a ratio is None where a side has no figure (it ran out of memory,
-    failed, or was not measured yet)."""
-    if "transformers" not in results:
-        return results
-    o, t = results["ours"], results["transformers"]
-    ratio = lambda a, b: a / b if a and b else None
-    best = lambda b: max((v for k, v in t.items() if k.startswith(f"decode_b{b}_") and k.endswith("tok_s")), default=None)
-    ratios = {"ttft (theirs/ours, >1 = faster)": ratio(t.get("ttft_ms"), o.get("ttft_ms"))}
-    for batch in sorted({1, args.batch}):
-        ratios[f"decode_b{batch} (ours/theirs best)"] = ratio(o.get(f"decode_b{batch}_tok_s"), best(batch))
-    if not args.skip_training:
-        for stage in (1, 2):
-            ratios[f"stage{stage} tok/s (ours/theirs)"] = ratio(o.get(f"stage{stage}_tok_s"), t.get(f"stage{stage}_tok_s"))
-            ratios[f"stage{stage} tok/s (ours without checkpointing/theirs with)"] = \
-                ratio(o.get(f"stage{stage}_no_ckpt_tok_s"), t.get(f"stage{stage}_tok_s"))
-    return dict(results, ratios=ratios)
 
 
 if __name__ == "__main__":
