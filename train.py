@@ -579,6 +579,14 @@ def gather_model(model):
     return plain
 
 
+def llm_positions(batch: dict, image_tokens: int) -> int:
+    """The positions the LLM runs for one collated micro-batch: its real tokens, each image placeholder spliced into
+    image_tokens positions (Llava.splice). tokens/s and MFU count these, as bench.py and issue 7's figures do; the
+    text alone would leave out most of the work (a stage-1 sample is 576 image positions and a caption of ~30)."""
+    n_images = 0 if batch["images"] is None else len(batch["images"])
+    return int(batch["attention_mask"].sum()) + n_images * (image_tokens - 1)
+
+
 def flops_per_token(model, cfg) -> float:
     """Training FLOPs per LLM position: 2N forward through the LLM and projector, 2N backward for activation
     gradients, 2N more for weight gradients where weights train (Kaplan et al. 6N, minus frozen weights)."""
@@ -696,17 +704,18 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            stats[1], stats[2] = loss_sum, sum(b["attention_mask"].sum().item() for b in batches)
+            stats[1], stats[2] = loss_sum, sum(llm_positions(b, model.config.num_image_tokens) for b in batches)
             stats = all_reduce_sum(stats)
             dt = time.time() - t0
             record = dict(step=step, loss=stats[1].item() / n_global, lr=optimizer.param_groups[0]["lr"],
-                          grad_norm=grad_norm.item(), tokens_per_s=stats[2].item() / dt, skipped=skipped)
+                          grad_norm=grad_norm.item(), tokens=int(stats[2].item()), tokens_per_s=stats[2].item() / dt,
+                          skipped=skipped)
             postfix = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                            tok_s=f"{record['tokens_per_s']:.0f}")
             if device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 postfix["mem"] = f"{record['peak_mem_gb']:.1f}GB"
-            if peak:  # tokens counted before splicing; each image adds num_image_tokens - 1 more positions per sample
+            if peak:
                 record["mfu"] = flops_token * stats[2].item() / dt / (world * peak)
                 postfix["mfu"] = f"{record['mfu']:.1%}"
             if rank == 0:

@@ -21,9 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data import make_toy_world
+from data import LazySupervisedDataset, collate, load_tokenizer, make_toy_world
 from model import load_clip, load_llama, load_llava
-from train import main as train_main, peak_flops, swap_positions, swap_shapes, token_wise_similarity
+from train import (llm_positions, main as train_main, peak_flops, swap_positions, swap_shapes,
+                   token_wise_similarity)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -107,6 +108,27 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(runs, tmp_path):
     assert open(runs / "LATEST").read().strip() == str(out / "model")
     config = json.load(open(out / "model" / "train_config.json"))
     assert config["template"] == "plain" and config["stage"] == 1
+
+
+def test_logged_tokens_are_the_positions_the_llm_runs(runs, tmp_path):
+    """tokens/s and MFU count what the LLM computes: each image's num_image_tokens positions, not its one placeholder
+    (in stage 1 an image is most of a sample). One step over all 128 stage-1 samples of the world: the log's tokens
+    equal the length of their spliced rows, also when the rows are packed."""
+    out = tmp_path / "s1"
+    train(runs, "--stage", 1, "--out-dir", out, "--global-batch", 128, "--micro-batch", 32, "--max-steps", 1)
+    record, = [json.loads(line) for line in open(out / "log.jsonl")]
+    cfg = json.load(open(out / "model" / "train_config.json"))
+    model = load_llava(str(out / "model"))
+    N = model.config.num_image_tokens
+    dataset = LazySupervisedDataset(cfg["data"], cfg["image_folder"], load_tokenizer(cfg["llm"]), cfg["template"],
+                                    image_size=model.config.vision.image_size, max_len=cfg["max_len"],
+                                    image_aspect_ratio=cfg["image_aspect_ratio"], image_tokens=N)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert len(samples) == 128 and all(len(s["images"]) == 1 for s in samples)
+    batch = collate(samples)
+    _, _, valid, *_ = model.splice(batch["input_ids"], batch["images"], batch["attention_mask"])
+    assert record["tokens"] == int(valid.sum()) == int(batch["attention_mask"].sum()) + 128 * (N - 1)
+    assert llm_positions(collate(samples, pack=True, image_tokens=N), N) == record["tokens"]
 
 
 def test_two_process_ddp_matches_one_process(runs, tmp_path):
