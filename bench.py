@@ -215,11 +215,14 @@ def bench_training(ours, theirs, args, device, dtype, results, save):
             model.language_model.compile_layers()
         for stage, (batch, ids, labels, hf_ids, hf_labels, images) in inputs.items():
             model.requires_grad_(False)
-            projector = model.multi_modal_projector if side == "ours" else model.model.multi_modal_projector
-            language_model = model.language_model if side == "ours" else model.model.language_model
-            trainable = list(projector.parameters()) + (list(language_model.parameters()) if stage == 2 else [])
+            if side == "ours":
+                projector, llm = model.multi_modal_projector, [model.language_model]  # lm_head is inside
+            else:  # transformers 5 keeps lm_head beside its LlamaModel
+                projector, llm = model.model.multi_modal_projector, [model.model.language_model, model.lm_head]
+            trainable = [p for part in [projector, *(llm if stage == 2 else [])] for p in part.parameters()]
             for p in trainable:
                 p.requires_grad_(True)
+            results[side][f"stage{stage}_trainable_params"] = sum(p.numel() for p in trainable)
             model.train()
             optimizer = torch.optim.AdamW(projector.parameters(), lr=1e-5, fused=True)
 

@@ -51,6 +51,9 @@ def test_bench_runs_tiny_and_matches_transformers(device, tmp_path):
         for key in ("ttft_ms", "stage1_tok_s", "stage2_tok_s", "stage1_no_ckpt_tok_s", "stage2_no_ckpt_tok_s"):
             assert math.isfinite(side[key]) and side[key] > 0, key
     assert math.isfinite(ours["decode_b1_tok_s"]) and math.isfinite(theirs["decode_b1_dynamic_tok_s"])
+    for stage in (1, 2):  # both sides train the same weights: the projector, then also the LLM with its lm_head
+        assert ours[f"stage{stage}_trainable_params"] == theirs[f"stage{stage}_trainable_params"] > 0
+    assert ours["stage2_trainable_params"] > ours["stage1_trainable_params"]
     assert set(result["ratios"]) == {"ttft (theirs/ours, >1 = faster)", "decode_b1 (ours/theirs best)",
                                      "decode_b2 (ours/theirs best)", "stage1 tok/s (ours/theirs)",
                                      "stage2 tok/s (ours/theirs)",
