@@ -49,6 +49,9 @@ from model import DTYPES, IGNORE_INDEX, Llava, load_base, load_projector, save_c
 from projector import projector_depth
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+# model.DTYPES less fp16: its gradients underflow without loss scaling (a GradScaler), which this loop leaves out; the
+# official recipe trains in bf16
+TRAIN_DTYPES = ("fp32", "bf16")
 
 # -----------------------------------------------------------------------------
 # configuration: dataclass defaults, then the stage's official values, then the toy's, then the command line
@@ -97,7 +100,7 @@ class TrainConfig:
                                   "steps pay for compiling")
     # runtime
     device: str = option("auto", "auto: cuda if available, else cpu; cpu; cuda")
-    dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; " + "; ".join(DTYPES))
+    dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; " + "; ".join(TRAIN_DTYPES))
     save_every: int = option(1000, "optimizer steps between resumable checkpoints")
     resume: bool = option(False, "continue from the latest checkpoint in out_dir")
     overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run's checkpoints, "
@@ -177,8 +180,9 @@ def resolve_config(argv=None) -> TrainConfig:
             projector_depth(cfg.projector_type)
         except ValueError as e:
             parser.error(f"--projector-type: {e}")
-    if cfg.dtype not in ("auto", *DTYPES):
-        parser.error(f"--dtype {cfg.dtype!r}: choose from auto, {', '.join(DTYPES)}")
+    if cfg.dtype not in ("auto", *TRAIN_DTYPES):
+        parser.error(f"--dtype {cfg.dtype!r}: choose from auto, {', '.join(TRAIN_DTYPES)}"
+                     + (" (fp16 training needs loss scaling, which this loop leaves out)" if cfg.dtype == "fp16" else ""))
     if cfg.device not in ("auto", "cpu", "cuda"):
         parser.error(f"--device {cfg.device!r}: choose from auto, cpu, cuda (torchrun gives each rank its GPU)")
     return cfg
@@ -514,7 +518,9 @@ def load_checkpoint(path, model, trainable: dict, optimizer, fsdp: bool):
     weights = load_file(os.path.join(path, "trainable.safetensors"))
     if weights.keys() != trainable.keys():
         raise RuntimeError(f"{path} holds different trainable tensors than this run trains (another stage?)")
-    optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    # to the CPU first: saved from rank 0's GPU, it would otherwise land on cuda:0 on every rank (load_state_dict and
+    # set_optimizer_state_dict move it to each parameter's device)
+    optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     if fsdp:  # every rank reads the full tensors and keeps its shard
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
@@ -587,16 +593,19 @@ def llm_positions(batch: dict, image_tokens: int) -> int:
     return int(batch["attention_mask"].sum()) + n_images * (image_tokens - 1)
 
 
-def flops_per_token(model, cfg) -> float:
-    """Training FLOPs per LLM position: 2N forward through the LLM and projector, 2N backward for activation
-    gradients, 2N more for weight gradients where weights train (Kaplan et al. 6N, minus frozen weights)."""
-    n_llm = sum(p.numel() for p in model.language_model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def flops_per_token(model) -> float:
+    """Training FLOPs per LLM position: 2N forward through the LLM, 2N backward for activation gradients, 2N more
+    for weight gradients where weights train (Kaplan et al.'s 6N, minus frozen weights). N leaves out the embedding
+    table, a lookup. An estimate: lm_head counts at every position (it runs only where labels are: 2 % too much in
+    stage 1 at 7B), and the CLIP tower, the projector and attention's score products are left out (~6 % at 7B)."""
+    n_llm = sum(p.numel() for n, p in model.language_model.named_parameters() if not n.startswith("embed_tokens"))
+    n_trainable = sum(p.numel() for n, p in model.named_parameters()
+                      if p.requires_grad and not n.startswith("language_model.embed_tokens"))
     return 4 * n_llm + 2 * n_trainable
 
 
 # dense bf16 peak FLOP/s of one GPU (NVIDIA datasheets), for MFU; the first name contained in the device's name wins
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -650,7 +659,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=end_step, initial=start_step, desc=f"stage {cfg.stage}", disable=rank != 0)
     per_rank = cfg.global_batch // world
-    step, flops_token = start_step, flops_per_token(model, cfg)
+    step, flops_token = start_step, flops_per_token(model)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     while step < end_step:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -706,6 +715,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
 
             stats[1], stats[2] = loss_sum, sum(llm_positions(b, model.config.num_image_tokens) for b in batches)
             stats = all_reduce_sum(stats)
+            if device.type == "cuda":  # kernels run asynchronously: wait for this step's backward and AdamW step,
+                torch.cuda.synchronize(device)  # which no host read has waited for yet, or dt would leave them out
             dt = time.time() - t0
             record = dict(step=step, loss=stats[1].item() / n_global, lr=optimizer.param_groups[0]["lr"],
                           grad_norm=grad_norm.item(), tokens=int(stats[2].item()), tokens_per_s=stats[2].item() / dt,

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from data import LazySupervisedDataset, collate, load_tokenizer, make_toy_world
-from model import load_clip, load_llama, load_llava
-from train import (llm_positions, main as train_main, peak_flops, swap_positions, swap_shapes,
+from model import Llava, LlavaConfig, load_clip, load_llama, load_llava
+from train import (flops_per_token, llm_positions, main as train_main, peak_flops, swap_positions, swap_shapes,
                    token_wise_similarity)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,7 +373,7 @@ def test_real_recipe_defaults_and_overrides(tmp_path):
         resolve_config(["--stage", "1", "--llm", "V"])  # the real recipe needs --vision-tower and --data
 
 
-@pytest.mark.parametrize("bad", [["--dtype", "float16"], ["--device", "gpu"], ["--image-aspect-ratio", "crop"],
+@pytest.mark.parametrize("bad", [["--dtype", "float16"], ["--dtype", "fp16"], ["--device", "gpu"], ["--image-aspect-ratio", "crop"],
                                  ["--projector-type", "mlp"], ["--template", "vicuna"]])
 def test_bad_option_values_stop_with_a_usage_error(bad, capsys):
     """A wrong value stops before any work, naming the option and the choices (not a KeyError mid-run)."""
@@ -381,7 +381,10 @@ def test_bad_option_values_stop_with_a_usage_error(bad, capsys):
     with pytest.raises(SystemExit) as stop:
         resolve_config(["--stage", "2", "--llm", "V", "--vision-tower", "C", "--data", "mix.json", *bad])
     assert stop.value.code == 2
-    assert bad[0] in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert bad[0] in error
+    if bad == ["--dtype", "fp16"]:  # chat.py and eval.py take it; training would need a GradScaler
+        assert "loss scaling" in error
 
 
 def test_help_says_what_each_option_does_and_its_stage_defaults(capsys, monkeypatch):
@@ -443,9 +446,24 @@ def test_mfu_peak_follows_the_gpu_model():
     table gets no MFU rather than one computed against an H100."""
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12
     assert peak_flops("NVIDIA H200") == 989e12  # the H100's compute, with more and faster memory
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Tesla T4") is None
+
+
+def test_flops_per_token_counts_the_llm_products_and_the_trained_weights_not_the_embedding_lookup():
+    """2N forward + 2N input gradients through the LLM, + 2N weight gradients for each trained weight (6N when all
+    train); the embedding table is a lookup, whether it trains or not."""
+    model = Llava(LlavaConfig.from_name("tiny"))
+    lm = model.language_model
+    products = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
+    projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)  # stage 1
+    assert flops_per_token(model) == 4 * products + 2 * projector
+    lm.requires_grad_(True)  # stage 2
+    assert flops_per_token(model) == 6 * products + 2 * projector
 
 
 def test_token_wise_similarity_matches_each_word_to_its_best_patch_and_skips_padding():
