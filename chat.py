@@ -14,7 +14,8 @@ As official, the first turn is "<image>\\n" + question (one "<image>\\n" per ima
 enters the history as its decoded text, and generation stops at EOS. The template: --conv-mode if given; for our
 checkpoints the one they were trained with (train_config.json), except that a stage-1 model, trained with `plain`
 (image then caption, no questions), gets `vicuna_v1`, the chat format of its Vicuna LLM and of stage 2; otherwise the
-official CLI's choice from the model's name, `llava_v1` for v1.5.
+official CLI's choice from the model's name, `llava_v1` for v1.5 (a Hugging Face cache's models--ORG--NAME/snapshots/
+HASH is named NAME), which a directory named otherwise still gets where its config shows LLaVA-1.5's MLP projector.
 
 The KV cache lives across turns. Each turn renders the whole conversation with the template, but only the tokens
 after the longest prefix already in the cache are prefilled: normally the end of the last answer and the new
@@ -136,9 +137,18 @@ def choose_template(model_dir: str) -> str:
         with open(train_config) as f:
             template = json.load(f)["template"]
         return "vicuna_v1" if template == "plain" else template
+    path = os.path.abspath(model_dir)
+    if os.path.basename(os.path.dirname(path)) == "snapshots":  # a Hugging Face cache: models--ORG--NAME/snapshots/HASH
+        path = os.path.basename(os.path.dirname(os.path.dirname(path))).split("--")[-1]
     # official rule on the name; llava-hf spells v1.5 "llava-1.5-7b-hf", where the rule looks for "v1"
-    name = os.path.basename(os.path.abspath(model_dir)).lower().replace("llava-1.5", "llava-v1.5")
-    return conv_mode_for(name)
+    template = conv_mode_for(os.path.basename(path).lower().replace("llava-1.5", "llava-v1.5"))
+    if template == "llava_v0" and os.path.isfile(os.path.join(model_dir, "config.json")):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+        # LLaVA-1.5's two-layer MLP projector (v0 and v1 had a linear one; every llava-hf LLaVA has the MLP)
+        if config.get("mm_projector_type") == "mlp2x_gelu" or config.get("model_type") == "llava":
+            return "llava_v1"
+    return template
 
 
 def load_model(model_dir: str, vision_tower, device, dtype):

@@ -294,14 +294,20 @@ def test_default_model_is_the_latest_trained_one(ours, tokenizer, images, tmp_pa
 
 
 def test_template_follows_the_model(tmp_path):
-    for name, train_config, template in [("ours1", {"template": "plain"}, "vicuna_v1"),  # stage 1 cannot chat
-                                         ("ours2", {"template": "vicuna_v1"}, "vicuna_v1"),
-                                         ("llava-v1.5-7b", None, "llava_v1"),  # official CLI: "v1" in the name
-                                         ("llava-1.5-7b-hf", None, "llava_v1"),  # llava-hf's name for it
-                                         ("llava-v1.6-mistral-7b", None, "mistral_instruct")]:
-        (tmp_path / name).mkdir()
-        if train_config:
-            (tmp_path / name / "train_config.json").write_text(json.dumps(train_config))
+    snapshot = "snapshots/4481d270cc22fd5c4d1bb5df129622006ccd9234"  # a Hugging Face cache's layout
+    for name, files, template in [("ours1", {"train_config.json": {"template": "plain"}}, "vicuna_v1"),  # stage 1
+                                  ("ours2", {"train_config.json": {"template": "vicuna_v1"}}, "vicuna_v1"),
+                                  ("llava-v1.5-7b", {}, "llava_v1"),  # official CLI: "v1" in the name
+                                  ("llava-1.5-7b-hf", {}, "llava_v1"),  # llava-hf's name for it
+                                  ("llava-v1.6-mistral-7b", {}, "mistral_instruct"),
+                                  (f"models--liuhaotian--llava-v1.5-7b/{snapshot}", {}, "llava_v1"),
+                                  (f"models--llava-hf--llava-1.5-7b-hf/{snapshot}", {}, "llava_v1"),
+                                  ("models/original", {"config.json": {"mm_projector_type": "mlp2x_gelu"}}, "llava_v1"),
+                                  ("models/hf", {"config.json": {"model_type": "llava"}}, "llava_v1"),
+                                  ("models/lightning", {"config.json": {"mm_projector_type": "linear"}}, "llava_v0")]:
+        (tmp_path / name).mkdir(parents=True)
+        for file, content in files.items():
+            (tmp_path / name / file).write_text(json.dumps(content))
         assert chat.choose_template(str(tmp_path / name)) == template, name
 
 
