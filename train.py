@@ -181,8 +181,8 @@ def resolve_config(argv=None) -> TrainConfig:
         except ValueError as e:
             parser.error(f"--projector-type: {e}")
     if cfg.dtype not in ("auto", *TRAIN_DTYPES):
-        parser.error(f"--dtype {cfg.dtype!r}: choose from auto, {', '.join(TRAIN_DTYPES)}"
-                     + (" (fp16 training needs loss scaling, which this loop leaves out)" if cfg.dtype == "fp16" else ""))
+        why = " (fp16 training needs loss scaling, which this loop leaves out)" if cfg.dtype == "fp16" else ""
+        parser.error(f"--dtype {cfg.dtype!r}: choose from auto, {', '.join(TRAIN_DTYPES)}{why}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         parser.error(f"--device {cfg.device!r}: choose from auto, cpu, cuda (torchrun gives each rank its GPU)")
     return cfg
