@@ -9,7 +9,9 @@ Answer generation reproduces llava/eval/model_vqa_loader.py (spec §10). Each qu
 template, or the template train.py recorded for the model, and answered greedily, up to 128 new tokens. Each answer is
 one line {"question_id", "prompt" (the question's text), "text" (decoded, special tokens skipped, stripped),
 "answer_id", "model_id", "metadata": {}}. Unlike the official runner:
-  - questions go in left-padded batches (the official loader needs batch size 1); greedy answers are the same;
+  - questions go in left-padded batches (the official loader needs batch size 1). In fp32 greedy answers are the
+    same; in fp16 or bf16 a batch rounds its matrix products otherwise than one question alone, so an answer that
+    hangs on a near tie can change: --batch-size 1 answers as the official runner does;
   - a run resumes: questions already in the answers file are skipped;
   - a question whose image cannot be read is reported on stderr and left out of the file (so a rerun retries it),
     where the official runner crashes; a question without an image is asked as text alone;
@@ -860,9 +862,11 @@ def add_generation_options(parser, defaults=True):
                         help=f"conversation template: {', '.join(CONV_TEMPLATES)} (default: the one in the "
                              "model's train_config.json, else vicuna_v1, as every LLaVA-1.5 eval script)")
     parser.add_argument("--batch-size", type=int, default=default(None),
-                        help="questions per generate call (default: 8 on a GPU, 4 on the CPU)")
+                        help="questions per generate call (default: 8 on a GPU, 4 on the CPU; the official runner "
+                             "takes 1, and in fp16 a batch can change an answer that hangs on a near tie)")
     parser.add_argument("--max-new-tokens", type=int, default=default(128),
-                        help="default: 128, as model_vqa_loader")
+                        help="default: 128, as model_vqa_loader; give 1024 for LLaVA-Bench and MM-Vet, whose official "
+                             "runner (model_vqa) generates up to that")
     parser.add_argument("--temperature", type=float, default=default(0.0), help="default: 0, greedy")
     parser.add_argument("--top-p", type=float, default=default(1.0), help="nucleus sampling (default: 1, off)")
     parser.add_argument("--device", default=default("auto"),
