@@ -341,25 +341,27 @@ MAX_PIXELS = 8192 * 8192  # far beyond any LLaVA training image, far below what 
 
 
 def open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and decode an image file. A missing or corrupt file, or a "decompression bomb" (a small file that
-    decodes to a huge image), raises DataError naming the file. The size is checked from the header, before
-    decoding; Pillow's own bomb check (from 89M pixels) is turned into the same error."""
+    """Open and decode an image file (or a file object, named by its .name). A missing or corrupt file, or a
+    "decompression bomb" (a small file that decodes to a huge image), raises DataError naming the file. The size is
+    checked from the header, before decoding; Pillow's own bomb check (from 89M pixels) is turned into the same
+    error."""
+    name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as file:
                 width, height = file.size
                 if width * height > max_pixels:
-                    raise DataError(f"{path}: {width}x{height} pixels is over the limit of {max_pixels} pixels "
+                    raise DataError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} pixels "
                                     "(a decompression bomb?)")
                 file.load()
                 return file.copy()  # a copy keeps the pixels after the file is closed
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+        raise DataError(f"{name}: image file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{path}: decompression bomb: {e}") from None
+        raise DataError(f"{name}: decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # whatever Pillow raises on a bad file
-        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
 # -----------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """LLaVA-1.5 evaluation: answer benchmark questions, evaluate on the toy world, and score answers files offline.
 
     python eval.py                 the newest trained model (runs/LATEST) on the toy world's held-out questions
-    python eval.py generate ...    an official question jsonl -> an answers jsonl (llava/eval/model_vqa_loader.py)
+    python eval.py generate ...    an official question file -> an answers jsonl (llava/eval/model_vqa_loader.py, ...)
     python eval.py score BENCH ... an answers jsonl -> the paper's number for one benchmark
 
 Answer generation reproduces llava/eval/model_vqa_loader.py (spec §10). Each question line {"question_id", "image",
 "text", ...} is asked as "<image>\\n" + text (the benchmark's answer-format suffix is already in text) in the vicuna_v1
 template, or the template train.py recorded for the model, and answered greedily, up to 128 new tokens. Each answer is
 one line {"question_id", "prompt" (the question's text), "text" (decoded, special tokens skipped, stripped),
-"answer_id", "model_id", "metadata": {}}. Unlike the official runner:
+"answer_id", "model_id", "metadata": {}}. ScienceQA's json and MMBench's tsv are asked as their own runners ask them
+(model_vqa_science.py, model_vqa_mmbench.py with --single-pred-prompt, up to 1024 new tokens; see
+science_qa_questions and mmbench_questions). Unlike the official runners:
   - questions go in left-padded batches (the official loader needs batch size 1). In fp32 greedy answers are the
     same; in fp16 or bf16 a batch rounds its matrix products otherwise than one question alone, so an answer that
     hangs on a near tie can change: --batch-size 1 answers as the official runner does;
@@ -43,7 +45,10 @@ format of their val splits. All metrics are percentages, like the paper's table 
 """
 
 import argparse
+import base64
+import binascii
 import csv
+import io
 import json
 import math
 import os
@@ -101,9 +106,25 @@ def question_prompt(tokenizer, conv, question):
     """Token ids of a question as model_vqa_loader asks it: "<image>\\n" + text as the user's turn, the assistant's
     turn left open. A question without an image is asked as its text alone."""
     text = question["text"]
-    if question.get("image"):
+    if has_image(question):
         text = IMAGE_MARKER + "\n" + text
     return tokenize_prompt(tokenizer, render(conv, [(0, text), (1, None)]))
+
+
+def has_image(question):
+    return bool(question.get("image") or question.get("image_base64"))
+
+
+def question_image(question, image_folder):
+    """A question's image: its file under image_folder, or (MMBench) the image its tsv row holds in base64."""
+    if not question.get("image_base64"):
+        return open_image(Path(image_folder) / question["image"])
+    try:
+        data = io.BytesIO(base64.b64decode(question["image_base64"], validate=True))
+    except binascii.Error as error:
+        raise DataError(f"the image of question {question['question_id']} is not base64 ({error})") from None
+    data.name = f"the image of question {question['question_id']}"  # what open_image's errors call it
+    return open_image(data)
 
 
 def answer_batch(model, tokenizer, conv, questions, image_folder, **sampling):
@@ -112,9 +133,9 @@ def answer_batch(model, tokenizer, conv, questions, image_folder, **sampling):
     size, aspect_ratio = model.config.vision.image_size, model.config.image_aspect_ratio
     results, prompts, images, asked = [None] * len(questions), [], [], []
     for i, question in enumerate(questions):
-        if question.get("image"):
+        if has_image(question):
             try:
-                images.append(preprocess_image(open_image(Path(image_folder) / question["image"]), size, aspect_ratio))
+                images.append(preprocess_image(question_image(question, image_folder), size, aspect_ratio))
             except DataError as error:
                 results[i] = error
                 continue
@@ -128,10 +149,70 @@ def answer_batch(model, tokenizer, conv, questions, image_folder, **sampling):
     return results
 
 
+# The two runners that build their prompts in code (spec §10): model_vqa_science for ScienceQA's json, and
+# model_vqa_mmbench for MMBench's tsv, both run with --single-pred-prompt and up to 1024 new tokens.
+SINGLE_PRED_PROMPT = {"en": "Answer with the option's letter from the given choices directly.", "cn": "请直接回答选项字母。"}
+# pandas.read_table's default missing-value strings: the official runner reads the tsv with pandas, where such a
+# cell is NaN, and its is_none also takes the strings "nan" and "none" in any case
+_PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
+def _is_none(cell):
+    return cell is None or cell in _PANDAS_NA or cell.lower() in ("nan", "none")
+
+
+def science_qa_questions(records, path="the ScienceQA file"):
+    """ScienceQA's llava_test_CQM-A.json (a list in LLaVA's conversation format), asked as model_vqa_science: the
+    first turn without its "<image>", then the instruction to answer with a letter; "<image>\\n" goes before it
+    where the record has an image. The answer's prompt keeps that "<image>": eval_science_qa.py counts those
+    questions for IMG-Accuracy, the number LLaVA reports."""
+    questions = []
+    for number, record in enumerate(records, start=1):
+        try:
+            text = record["conversations"][0]["value"].replace(IMAGE_MARKER, "").strip()
+            question = {"question_id": record["id"], "text": text + "\n" + SINGLE_PRED_PROMPT["en"]}
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise ValueError(f"{path}: record {number} has no id and first conversation turn") from None
+        if "image" in record:
+            question.update(image=record["image"], prompt=IMAGE_MARKER + "\n" + question["text"])
+        questions.append(question)
+    return questions
+
+
+def mmbench_questions(rows, lang="en", all_rounds=False, path="the MMBench file"):
+    """MMBench's tsv, asked as model_vqa_mmbench: the hint (where there is one), the question and each option as
+    "A. ...", a line each, then the instruction to answer with a letter (in Chinese for MMBench-CN: lang "cn"). The
+    image is the row's own, in base64 (newer tsvs may name another row's index instead of repeating its image).
+    all_rounds (the official --all-rounds) asks a question once per rotation of its options; each answer records its
+    round_id, the options in the order shown and their letters in the tsv (option_char), which score_mmbench maps
+    back. The answer's prompt is the text without the instruction, as the official runner writes it."""
+    if rows and not {"index", "question", "image", "A", "B"} <= rows[0].keys():
+        raise ValueError(f"{path}: an MMBench tsv needs the columns index, question, image, A, B, ...")
+    images = {row["index"]: row["image"] for row in rows}
+    questions = []
+    for row in rows:
+        options = []
+        for letter in "ABCD":  # the options up to the first empty one, as the official get_options
+            if _is_none(row.get(letter)):
+                break
+            options.append(row[letter])
+        letters = list("ABCD"[:len(options)])
+        hint = [] if _is_none(row.get("hint")) else [row["hint"]]
+        for round_id in range(len(options) if all_rounds else 1):
+            text = "\n".join(hint + [row["question"]] + [f"{c}. {option}" for c, option in zip("ABCD", options)])
+            questions.append({"question_id": int(row["index"]), "text": text + "\n" + SINGLE_PRED_PROMPT[lang],
+                              "prompt": text, "image_base64": images.get(row["image"], row["image"]),
+                              "answer_fields": {"round_id": round_id, "options": options, "option_char": letters}})
+            options, letters = options[1:] + options[:1], letters[1:] + letters[:1]
+    return questions
+
+
 # What identifies a question, and the answer to it: the id alone does not (TextVQA's is the image id, MME's the
-# image file), so the text goes with it; an answer's prompt is its question's text.
+# image file, an MMBench question's rounds share theirs), so the prompt goes with it: the question's text, or what
+# the official runner records instead (ScienceQA, MMBench: see their questions' "prompt").
 def _question_key(question):
-    return question["question_id"], question["text"]
+    return question["question_id"], question.get("prompt", question["text"])
 
 
 def _answer_key(answer):
@@ -170,9 +251,9 @@ def answer_questions(model, tokenizer, conv, questions, image_folder, answers, m
                     tqdm.write(f"question {question['question_id']}: failed: {result}", file=sys.stderr)
                     failed.append(question["question_id"])
                     continue
-                answers.write(json.dumps(dict(question_id=question["question_id"], prompt=question["text"],
-                                              text=result, answer_id=uuid.uuid4().hex, model_id=model_id,
-                                              metadata={})) + "\n")
+                answers.write(json.dumps(dict(question_id=question["question_id"], prompt=_question_key(question)[1],
+                                              text=result, **question.get("answer_fields", {}),
+                                              answer_id=uuid.uuid4().hex, model_id=model_id, metadata={})) + "\n")
             answers.flush()  # a crash loses at most this batch
             bar.update(len(batch))
     return failed
@@ -237,8 +318,8 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
             conv_mode = args.conv_mode or trained_template(model_dir)
             batch_size = args.batch_size or (8 if device.type == "cuda" else 4)
             if rank == 0:
-                print(f"{model_dir}: template {conv_mode}, batch {batch_size}, {device}, {dtype}; answering into "
-                      f"{answers_file}", flush=True)
+                print(f"{model_dir}: template {conv_mode}, batch {batch_size}, {device}, {dtype}, up to "
+                      f"{args.max_new_tokens} new tokens; answering into {answers_file}", flush=True)
             model = load_llava(model_dir, args.vision_tower, dtype, device)
             tokenizer = load_tokenizer(model_dir)
             failed = answer_questions(model, tokenizer, CONV_TEMPLATES[conv_mode], todo, image_folder, answers,
@@ -823,6 +904,7 @@ def evaluate_toy(args):
     if args.toy_scenes:  # a larger set, for comparing training recipes
         world = ensure_toy_eval(world["root"], args.toy_scenes)
     questions = read_jsonl(world["eval"], required=("question_id", "text", "category", "answer"))
+    args.max_new_tokens = args.max_new_tokens or 128
     # afresh, not resumed: training a stage again overwrites its model directory, and this takes seconds
     answers_file = Path(args.answers_file or Path(model_dir).parent / "toy_eval_answers.jsonl")
     counts = run_generation(args, model_dir, questions, world["images"], answers_file, resume=False)
@@ -833,9 +915,24 @@ def evaluate_toy(args):
     print(format_toy_table(score_toy(read_jsonl(answers_file), questions)))
 
 
+def read_questions(args):
+    """The question file as its official runner reads it, and that runner's new-token limit: a jsonl
+    (model_vqa_loader; model_vqa for LLaVA-Bench and MM-Vet), ScienceQA's json, MMBench's tsv."""
+    path = args.question_file
+    if path.endswith(".json"):
+        records = read_json(path)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: a .json question file is ScienceQA's list in LLaVA's conversation format")
+        return science_qa_questions(records, path), 1024
+    if path.endswith(".tsv"):
+        return mmbench_questions(read_tsv(path), args.lang, args.all_rounds, path), 1024
+    return read_jsonl(path, required=("question_id", "text")), 128
+
+
 def generate_answers(args):
-    """`python eval.py generate`: a question jsonl -> an answers jsonl, resumed if it exists."""
-    questions = read_jsonl(args.question_file, required=("question_id", "text"))
+    """`python eval.py generate`: a question file -> an answers jsonl, resumed if it exists."""
+    questions, max_new_tokens = read_questions(args)
+    args.max_new_tokens = args.max_new_tokens or max_new_tokens
     model_dir = args.model or latest_model(args.runs_dir)
     counts = run_generation(args, model_dir, questions, args.image_folder, args.answers_file, args.num_chunks,
                             args.chunk_idx)
@@ -864,9 +961,10 @@ def add_generation_options(parser, defaults=True):
     parser.add_argument("--batch-size", type=int, default=default(None),
                         help="questions per generate call (default: 8 on a GPU, 4 on the CPU; the official runner "
                              "takes 1, and in fp16 a batch can change an answer that hangs on a near tie)")
-    parser.add_argument("--max-new-tokens", type=int, default=default(128),
-                        help="default: 128, as model_vqa_loader; give 1024 for LLaVA-Bench and MM-Vet, whose official "
-                             "runner (model_vqa) generates up to that")
+    parser.add_argument("--max-new-tokens", type=int, default=default(None),
+                        help="default: as the official runner, 128 for a question jsonl (model_vqa_loader), 1024 for "
+                             "ScienceQA's json and MMBench's tsv; give 1024 for LLaVA-Bench's and MM-Vet's jsonl, "
+                             "whose runner (model_vqa) generates up to that")
     parser.add_argument("--temperature", type=float, default=default(0.0), help="default: 0, greedy")
     parser.add_argument("--top-p", type=float, default=default(1.0), help="nucleus sampling (default: 1, off)")
     parser.add_argument("--device", default=default("auto"),
@@ -890,6 +988,12 @@ GENERATE_EXAMPLES = """\
 Each question line is {"question_id", "image" (optional, relative to --image-folder), "text", ...}; each answer line
 {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}. An existing answers file is resumed: its
 questions are skipped. A question whose image cannot be read is named on stderr and left out (rerun to retry it).
+ScienceQA's llava_test_CQM-A.json and MMBench's tsv (images inside it: no --image-folder) are asked as their own
+official runners ask them, with the instruction to answer with the option's letter (mmbench answers add round_id,
+options and option_char):
+  python eval.py generate --question-file llava_test_CQM-A.json --image-folder scienceqa/images/test \\
+      --answers-file answers/sqa.jsonl
+  python eval.py generate --question-file mmbench_dev_20230712.tsv --answers-file answers/mmbench.jsonl
 
 several GPUs, the official way (one process per chunk, then concatenate):
   for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python eval.py generate --num-chunks 4 --chunk-idx $i \\
@@ -938,15 +1042,22 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", title="commands (optional)")
 
     generate = commands.add_parser(
-        "generate", help="answer an official question jsonl into an answers jsonl (model_vqa_loader)",
-        description="Answer an official LLaVA question jsonl with a model, as llava/eval/model_vqa_loader.py.",
+        "generate", help="answer an official question file into an answers jsonl (model_vqa_loader, ...)",
+        description="Answer an official LLaVA question file with a model, as llava/eval/model_vqa_loader.py (a "
+                    "jsonl), model_vqa_science.py (ScienceQA's .json) or model_vqa_mmbench.py (MMBench's .tsv).",
         epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    generate.add_argument("--question-file", required=True, help="the question jsonl")
+    generate.add_argument("--question-file", required=True,
+                          help="the question jsonl, ScienceQA's llava_test_CQM-A.json or an MMBench .tsv")
     generate.add_argument("--image-folder", default="", help="the folder the questions' images are relative to")
     generate.add_argument("--answers-file", required=True, help="the answers jsonl to write (or to resume)")
     generate.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks "
                           "(the official split_list) ...")
     generate.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (from 0)")
+    generate.add_argument("--lang", choices=["en", "cn"], default="en",
+                          help="MMBench: the language of the instruction to answer with a letter (cn for MMBench-CN)")
+    generate.add_argument("--all-rounds", action="store_true",
+                          help="MMBench: ask each question once per rotation of its options (the official "
+                               "--all-rounds; the official script asks once)")
     add_generation_options(generate, defaults=False)
 
     score = commands.add_parser(

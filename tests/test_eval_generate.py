@@ -4,6 +4,9 @@ The reference answers are made here one question at a time with Llava.generate, 
 data.render and data.tokenize_prompt: eval.py's batched, resumed and sharded runs must reproduce them exactly.
 """
 
+import argparse
+import base64
+import csv
 import json
 import os
 import shutil
@@ -205,6 +208,92 @@ def test_malformed_question_line_exits_2_naming_it(runs, tmp_path, capsys, bad_l
     assert exit_.value.code == 2
     assert f"error: {question_file}{message}" in capsys.readouterr().err
     assert not (tmp_path / "answers.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# ScienceQA and MMBench: the runners that build their prompts in code
+
+def test_science_qa_json_is_asked_as_model_vqa_science(runs, tmp_path):
+    """The first turn without "<image>" (stripped at the ends only), the letter instruction after it, "<image>\\n"
+    before it where the record has an image; the answer's prompt keeps that "<image>", which tells the scorer the
+    IMG questions. 1024 new tokens unless told."""
+    images = [q["image"] for q in runs["questions"] if "image" in q][:2]
+    turns = ["<image>\nWhich colour is it?\nContext: N/A\nOptions: (A) red (B) blue",
+             "Which word names a shape?\nContext: N/A\nOptions: (A) red (B) circle (C) left",
+             "Which shape is it? <image>\nOptions: (A) circle (B) square"]
+    records = [{"id": str(k), "conversations": [{"from": "human", "value": turn}, {"from": "gpt", "value": "A"}]}
+               for k, turn in enumerate(turns)]
+    records[0]["image"], records[2]["image"] = images
+    question_file = tmp_path / "llava_test_CQM-A.json"
+    question_file.write_text(json.dumps(records))
+    suffix = "\nAnswer with the option's letter from the given choices directly."
+    asked = ["Which colour is it?\nContext: N/A\nOptions: (A) red (B) blue" + suffix,
+             "Which word names a shape?\nContext: N/A\nOptions: (A) red (B) circle (C) left" + suffix,
+             "Which shape is it? \nOptions: (A) circle (B) square" + suffix]
+    questions, max_new_tokens = eval.read_questions(argparse.Namespace(question_file=str(question_file)))
+    assert max_new_tokens == 1024 and [q["text"] for q in questions] == asked
+    answers_file = tmp_path / "sqa.jsonl"
+    eval.main(["generate", "--runs-dir", str(runs["root"]), "--question-file", str(question_file), "--image-folder",
+               str(runs["world"]["images"]), "--answers-file", str(answers_file), "--conv-mode", "vicuna_v1",
+               "--max-new-tokens", str(MAX_NEW)])
+    answers = lines(answers_file)
+    assert [a["question_id"] for a in answers] == ["0", "1", "2"]
+    assert [a["prompt"] for a in answers] == ["<image>\n" + asked[0], asked[1], "<image>\n" + asked[2]]
+    expected = [dict(text=text, **({"image": r["image"]} if "image" in r else {})) for text, r in zip(asked, records)]
+    assert [a["text"] for a in answers] == reference_answers(runs, expected, "vicuna_v1")
+    problems = {str(k): {"choices": ["x", "y"], "answer": 0, "image": r.get("image")} for k, r in enumerate(records)}
+    report = eval.score_sqa(answers, problems, {"test": ["0", "1", "2"]})
+    assert report["questions"] == 3 and report["img_questions"] == 2
+
+
+def mmbench_tsv(runs, path):
+    """Three MMBench rows: a hint and two options; no hint ("nan") and three; four options and, as newer tsvs do,
+    the index of the row whose image it shares."""
+    images = [q["image"] for q in runs["questions"] if "image" in q][:2]
+    encoded = [base64.b64encode((runs["world"]["images"] / name).read_bytes()).decode() for name in images]
+    rows = [dict(index="0", question="What colour is the object?", hint="Look at the middle.", A="red", B="blue",
+                 C="", D="", answer="B", image=encoded[0], category="colour"),
+            dict(index="1", question="Which shape is it?", hint="nan", A="circle", B="square", C="cross", D="nan",
+                 answer="A", image=encoded[1], category="shape"),
+            dict(index="2", question="Where is it?", hint="", A="left", B="right", C="top", D="bottom", answer="C",
+                 image="0", category="position")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows, [images[0], images[1], images[0]]
+
+
+def test_mmbench_tsv_is_asked_as_model_vqa_mmbench_in_every_round(runs, tmp_path):
+    """Hint, question and "A. option" lines, then the letter instruction; the image from the tsv's base64. With
+    --all-rounds each question is asked once per rotation of its options, and the answers say how to map them back:
+    the scorer reads them."""
+    question_file = tmp_path / "mmbench_dev.tsv"
+    rows, images = mmbench_tsv(runs, question_file)
+    answers_file = tmp_path / "mmbench.jsonl"
+    eval.main(["generate", "--runs-dir", str(runs["root"]), "--question-file", str(question_file), "--answers-file",
+               str(answers_file), "--conv-mode", "vicuna_v1", "--max-new-tokens", str(MAX_NEW), "--all-rounds"])
+    answers = lines(answers_file)
+    assert [(a["question_id"], a["round_id"]) for a in answers] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2),
+                                                                      (2, 0), (2, 1), (2, 2), (2, 3)]
+    assert answers[1]["options"] == ["blue", "red"] and answers[1]["option_char"] == ["B", "A"]
+    assert answers[4]["options"] == ["cross", "circle", "square"] and answers[4]["option_char"] == ["C", "A", "B"]
+    assert answers[0]["prompt"] == "Look at the middle.\nWhat colour is the object?\nA. red\nB. blue"
+    assert answers[2]["prompt"] == "Which shape is it?\nA. circle\nB. square\nC. cross"
+    assert answers[6]["prompt"] == "Where is it?\nA. right\nB. top\nC. bottom\nD. left"
+    suffix = "\nAnswer with the option's letter from the given choices directly."
+    expected = reference_answers(runs, [{"text": a["prompt"] + suffix, "image": images[a["question_id"]]}
+                                        for a in answers], "vicuna_v1")
+    assert [a["text"] for a in answers] == expected
+    report = eval.score_mmbench(answers, rows)
+    assert report["questions"] == 3
+    cn = eval.mmbench_questions(eval.read_tsv(question_file), lang="cn")
+    assert len(cn) == 3 and cn[0]["text"].endswith("\n请直接回答选项字母。")
+    # a bad image in the tsv is the question's own error (reported, the run goes on), named by its question
+    for cell, message in (("not base64!", "the image of question 5 is not base64"),
+                          (base64.b64encode(b"not an image").decode(), "the image of question 5: cannot read")):
+        with pytest.raises(eval.DataError, match=message):
+            eval.question_image({"question_id": 5, "image_base64": cell}, "")
 
 
 # -----------------------------------------------------------------------------
