@@ -238,7 +238,8 @@ def parse_args(argv=None):
                         "first one that waits for the compiler")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="auto: bf16 on cuda, fp32 on cpu (the names train.py and eval.py take)")
+                   help="auto: fp16 on cuda, as the official CLI and eval.py, fp32 on cpu (the names train.py "
+                        "and eval.py take)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -249,7 +250,7 @@ def parse_args(argv=None):
         p.error(f"--device: {e}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device: no CUDA device here")
-    args.dtype = (torch.bfloat16 if args.device.type == "cuda" else torch.float32) if args.dtype == "auto" else \
+    args.dtype = (torch.float16 if args.device.type == "cuda" else torch.float32) if args.dtype == "auto" else \
         DTYPES[args.dtype]
     return args
 

@@ -152,8 +152,8 @@ def test_compiled_decode_step_gives_the_same_answers(ours, tokenizer, images, mo
 
 
 def test_bf16_answers_equal_from_scratch_bf16_generation(ours, tokenizer, images, device):
-    """`--dtype bf16`, the default on a GPU, also run on the CPU: the weights and the KV cache kept across turns are
-    bf16, and the answers are the ones a bf16 model gives recomputing each turn from scratch."""
+    """`--dtype bf16` (a GPU's training dtype), also run on the CPU: the weights and the KV cache kept across turns
+    are bf16, and the answers are the ones a bf16 model gives recomputing each turn from scratch."""
     path, _ = ours
     model = load_llava(path, dtype=torch.bfloat16, device=device)
     answers = reference_answers(model, tokenizer, images, [Q1, Q2])
@@ -162,6 +162,13 @@ def test_bf16_answers_equal_from_scratch_bf16_generation(ours, tokenizer, images
     assert result.returncode == 0, result.stderr
     assert result.stdout == answers[0] + "\n" + answers[1] + "\n"
     assert chat.parse_args([*images, "--dtype", "bf16", "--device", device]).dtype == torch.bfloat16
+
+
+def test_default_dtype_is_the_official_clis(images, monkeypatch):
+    """fp16 on a GPU, as llava/serve/cli.py loads the model (and as eval.py answers); fp32 on the CPU."""
+    assert chat.parse_args([*images, "--device", "cpu"]).dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, as far as parse_args can tell
+    assert chat.parse_args([*images, "--device", "cuda"]).dtype == torch.float16
 
 
 def test_second_turn_prefills_only_the_new_tokens(ours, tokenizer, images, monkeypatch):
