@@ -110,7 +110,7 @@ class ChatSession:
                 stream(text[len(shown):])
                 shown = text
 
-        # the cache is made once per conversation, as long as the context (2 GiB for a 7B model in bf16)
+        # the cache is made once per conversation, as long as the context (2 GiB for a 7B model in fp16)
         self.model.generate([ids[reuse:]], self.pixels[ids[:reuse].count(IMAGE_TOKEN_INDEX):],
                             max_new_tokens=min(self.max_new_tokens, limit - needed), temperature=self.temperature,
                             top_p=self.top_p, eos_token_id=self.model.config.text.eos_token_id, on_token=on_token,
