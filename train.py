@@ -405,17 +405,26 @@ def run_stage0(cfg: TrainConfig, rank: int):
 # stages 1 and 2
 
 
-def global_batches(dataset, cfg: TrainConfig, epoch: int) -> list:
-    """The epoch's sample order cut into global batches (the last incomplete one is dropped)."""
+def global_batches(dataset, cfg: TrainConfig, epoch: int, world: int = 1) -> list:
+    """The epoch's sample order cut into global batches (the last incomplete one is dropped). The samples of a global
+    batch do not depend on the world size, only how rank_micro_batches deals them."""
     if cfg.group_by_modality:  # single-modality global batches, dealt into micro-batches of similar length
         batches = ModalityLengthGroupedSampler(dataset.modality_lengths, batch_size=cfg.global_batch,
-                                               micro_batch=cfg.micro_batch, seed=cfg.seed, epoch=epoch).global_batches()
+                                               micro_batch=cfg.micro_batch, num_replicas=world, seed=cfg.seed,
+                                               epoch=epoch).global_batches()
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         batches = [order[i:i + cfg.global_batch] for i in range(0, len(order), cfg.global_batch)]
     # full global batches only: the sampler's last, mixed batch can hold more or fewer than one
     return [batch[i:i + cfg.global_batch] for batch in batches
             for i in range(0, len(batch) - cfg.global_batch + 1, cfg.global_batch)]
+
+
+def rank_micro_batches(batch: list, rank: int, world: int, micro_batch: int) -> list:
+    """This rank's micro-batches of a global batch, as ModalityLengthGroupedSampler lays it out: micro-step m of rank
+    r is slice m * world + r, so the ranks of a micro-step get samples of similar total length and none waits long
+    for another at the gradient all-reduce."""
+    return [batch[start:start + micro_batch] for start in range(rank * micro_batch, len(batch), world * micro_batch)]
 
 
 def checkpoint_dirs(out_dir: str) -> list:
@@ -629,7 +638,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                                     image_size=model.config.vision.image_size,
                                     image_aspect_ratio=cfg.image_aspect_ratio, max_len=cfg.max_len,
                                     image_tokens=model.config.num_image_tokens, skip_bad=cfg.skip_bad)
-    steps_per_epoch = len(global_batches(dataset, cfg, epoch=0))  # the same for every epoch
+    steps_per_epoch = len(global_batches(dataset, cfg, epoch=0, world=world))  # the same for every epoch
     total_steps = int(cfg.epochs * steps_per_epoch)
     if total_steps == 0:
         raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch}")
@@ -658,15 +667,13 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     log_file = open_log(os.path.join(cfg.out_dir, "log.jsonl"), start_step) if rank == 0 else None
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=end_step, initial=start_step, desc=f"stage {cfg.stage}", disable=rank != 0)
-    per_rank = cfg.global_batch // world
     step, flops_token = start_step, flops_per_token(model)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     while step < end_step:
         epoch, offset = divmod(step, steps_per_epoch)
-        # this rank's micro-batches for the rest of the epoch: its slice of each global batch
-        micro_batches = [batch[rank * per_rank:(rank + 1) * per_rank][i:i + cfg.micro_batch]
-                         for batch in global_batches(dataset, cfg, epoch)[offset:]
-                         for i in range(0, per_rank, cfg.micro_batch)]
+        # this rank's micro-batches for the rest of the epoch: its share of each global batch
+        micro_batches = [micro_batch for batch in global_batches(dataset, cfg, epoch, world)[offset:]
+                         for micro_batch in rank_micro_batches(batch, rank, world, cfg.micro_batch)]
         loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches,
                                                   collate_fn=partial(collate, pad_id=tokenizer.token_to_id("<unk>"),
                                                                      pack=cfg.pack,

@@ -418,6 +418,33 @@ def test_epochs_of_modality_grouped_batches_run_to_the_end(runs, tmp_path):
     assert len(open(out / "log.jsonl").readlines()) == 2 * per_epoch
 
 
+def test_ranks_get_micro_batches_of_similar_length_as_the_sampler_deals_them():
+    """Each global batch is sorted longest first; train.py must deal it to the ranks as ModalityLengthGroupedSampler
+    does (its own iteration, rank by rank), so that the ranks of a micro-step carry similar lengths. Cut into
+    contiguous per-rank slices, rank 0 would get the longest samples and every other rank would wait for it."""
+    from types import SimpleNamespace
+    from data import ModalityLengthGroupedSampler
+    from train import global_batches, rank_micro_batches
+    lengths = [((i * 37) % 101 + 1) * (1 if i % 3 else -1) for i in range(240)]  # image (+) and text-only (-)
+    cfg = SimpleNamespace(group_by_modality=True, global_batch=32, micro_batch=4, seed=0)
+    world = 4
+    batches = global_batches(SimpleNamespace(modality_lengths=lengths), cfg, epoch=0, world=world)
+    for rank in range(world):  # the sampler's own dealing, up to its last batch (the leftover, dealt otherwise)
+        sampler = ModalityLengthGroupedSampler(lengths, 32, 4, num_replicas=world, rank=rank, seed=0)
+        full = len(sampler.global_batches()) - 1
+        dealt = [i for batch in batches[:full] for micro in rank_micro_batches(batch, rank, world, 4) for i in micro]
+        assert len(dealt) == full * 8 and dealt == list(sampler)[:len(dealt)]
+    for batch in batches[:full]:
+        shares = [rank_micro_batches(batch, rank, world, 4) for rank in range(world)]
+        assert sorted(i for share in shares for micro in share for i in micro) == sorted(batch)
+        for step in zip(*shares):  # one micro-step, a micro-batch per rank: lengths within 25 % of each other
+            totals = [sum(abs(lengths[i]) for i in micro) for micro in step]
+            assert max(totals) <= 1.25 * min(totals), totals
+    assert global_batches(SimpleNamespace(modality_lengths=lengths), cfg, epoch=0, world=1) != batches  # dealt anew
+    assert [sorted(b) for b in global_batches(SimpleNamespace(modality_lengths=lengths), cfg, 0, 1)] == \
+        [sorted(b) for b in batches]  # ... but the same samples in each global batch
+
+
 def test_fsdp_on_the_cpu_refuses_a_torch_whose_gloo_averages_wrongly(monkeypatch, tmp_path):
     """On torch 2.7-2.8 FSDP over gloo would train with gradients off by the world size, silently: stop first."""
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.8.0+cpu"))
