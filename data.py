@@ -433,6 +433,16 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             lengths.append(max(n, 1) if isinstance(record, dict) and record.get("image") else -max(n, 1))
         return lengths
 
+    def missing_images(self, probes: int = 1000) -> tuple[int, list[str]]:
+        """(how many image files were looked for, those missing) over up to `probes` image samples spread evenly
+        through the file: a quick look, before training, for a wrong image_folder or a subfolder left out, which
+        skip_bad would otherwise turn into a run that silently learns from fewer images, or none."""
+        files = []
+        for record in self.records[::max(1, len(self.records) // probes)]:
+            image = record.get("image") if isinstance(record, dict) else None
+            files += [image] if isinstance(image, str) else [f for f in image or [] if isinstance(f, str)]
+        return len(files), [f for f in files if not (self.image_folder / f).is_file()]
+
     def __getitem__(self, i: int) -> dict | None:
         record = self.records[i]
         where = f"{self.data_path}:{self.line_numbers[i]}" if self.line_numbers else f"{self.data_path} item {i}"

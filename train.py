@@ -32,8 +32,10 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -594,6 +596,22 @@ def gather_model(model):
     return plain
 
 
+def check_images(dataset, cfg: TrainConfig, rank: int):
+    """Stop before training if none of the image files looked for exists (a wrong --image-folder: every image sample
+    would be skipped), and say which subfolders lack some, whose samples --skip-bad will skip (the official code
+    stops at the first missing image instead)."""
+    checked, missing = dataset.missing_images()
+    if checked and len(missing) == checked:
+        raise SystemExit(f"none of the {checked} image files looked for is under {cfg.image_folder} (such as "
+                         f"{missing[0]}): is --image-folder right?")
+    if missing:
+        folders = Counter(Path(f).parts[0] if len(Path(f).parts) > 1 else "." for f in missing)
+        log(rank, f"warning: {len(missing)} of {checked} image files looked for are not under {cfg.image_folder} "
+                  f"(by folder: {', '.join(f'{name} {n}' for name, n in folders.most_common())}; such as "
+                  f"{missing[0]}); " + ("their samples will be skipped and counted" if cfg.skip_bad else
+                                       "training stops at the first (--skip-bad false)"))
+
+
 def llm_positions(batch: dict, image_tokens: int) -> int:
     """The positions the LLM runs for one collated micro-batch: its real tokens, each image placeholder spliced into
     image_tokens positions (Llava.splice). tokens/s and MFU count these, as bench.py and issue 7's figures do; the
@@ -638,6 +656,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                                     image_size=model.config.vision.image_size,
                                     image_aspect_ratio=cfg.image_aspect_ratio, max_len=cfg.max_len,
                                     image_tokens=model.config.num_image_tokens, skip_bad=cfg.skip_bad)
+    check_images(dataset, cfg, rank)
     steps_per_epoch = len(global_batches(dataset, cfg, epoch=0, world=world))  # the same for every epoch
     total_steps = int(cfg.epochs * steps_per_epoch)
     if total_steps == 0:

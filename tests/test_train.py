@@ -345,6 +345,18 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     state = json.load(open(tmp_path / "bad" / "checkpoint-2" / "state.json"))
     assert state["skipped"] == 1 and state["step"] == 2
     assert os.path.exists(tmp_path / "bad" / "model" / "model.safetensors")
+    # said up front too: all 16 samples are looked at, the one missing file named
+    assert "warning: 1 of 16 image files looked for are not under" in out.stdout + out.stderr
+    assert "(by folder: . 1; such as no_such_image.png); their samples will be skipped and counted" in out.stdout
+
+
+def test_a_wrong_image_folder_stops_before_training(runs, tmp_path):
+    """skip_bad would skip every sample and train on nothing; none of the images found means a wrong folder."""
+    (tmp_path / "empty").mkdir()
+    out = train(runs, "--stage", 1, "--image-folder", tmp_path / "empty", "--out-dir", tmp_path / "s1", check=False)
+    assert out.returncode != 0
+    assert f"image files looked for is under {tmp_path / 'empty'}" in out.stderr and "--image-folder right?" in out.stderr
+    assert not os.path.exists(tmp_path / "s1" / "log.jsonl")
 
 
 @needs_cpu_fsdp
