@@ -24,6 +24,7 @@ checkpoints takes `--resume true` (continue it) or `--overwrite true` (start afr
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -657,6 +658,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                                     image_aspect_ratio=cfg.image_aspect_ratio, max_len=cfg.max_len,
                                     image_tokens=model.config.num_image_tokens, skip_bad=cfg.skip_bad)
     check_images(dataset, cfg, rank)
+    if cfg.num_workers:
+        # the DataLoader's forked workers share the parent's records until something writes to their pages; the cycle
+        # collector writes to every object it scans, so each worker would soon hold a private copy of them all. Frozen
+        # objects are never scanned (665k synthetic records: 0.7 GB private per new worker, 0.1 GB frozen)
+        gc.freeze()
     steps_per_epoch = len(global_batches(dataset, cfg, epoch=0, world=world))  # the same for every epoch
     total_steps = int(cfg.epochs * steps_per_epoch)
     if total_steps == 0:

@@ -339,8 +339,9 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     samples[5]["image"] = "no_such_image.png"
     data = tmp_path / "bad.json"
     data.write_text(json.dumps(samples))
+    # two loader workers, as the real recipe's default: the count comes back from them (and gc.freeze runs)
     out = train(runs, "--stage", 1, "--data", data, "--out-dir", tmp_path / "bad", "--global-batch", 8,
-                "--micro-batch", 4, "--epochs", 1, "--save-every", 100)
+                "--micro-batch", 4, "--epochs", 1, "--save-every", 100, "--num-workers", 2)
     assert "1 samples skipped" in out.stdout + out.stderr
     state = json.load(open(tmp_path / "bad" / "checkpoint-2" / "state.json"))
     assert state["skipped"] == 1 and state["step"] == 2
