@@ -226,11 +226,12 @@ def tokenize_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return tokenize_with_offsets(tokenizer, prompt)[0]
 
 
-def tokenize_with_offsets(tokenizer: Tokenizer, prompt: str) -> tuple[list, list, list]:
+def tokenize_with_offsets(tokenizer: Tokenizer, prompt: str, images: bool = True) -> tuple[list, list, list]:
     """tokenize_prompt's ids, and where each token starts and ends in the prompt (character offsets; an image token
-    spans its marker, <s> is empty at 0)."""
+    spans its marker, <s> is empty at 0). images=False reads "<image>" as text, as official preprocess does for a
+    sample without an image."""
     ids, starts, ends, offset = [BOS_ID], [0], [0], 0
-    for i, chunk in enumerate(prompt.split(IMAGE_MARKER)):
+    for i, chunk in enumerate(prompt.split(IMAGE_MARKER) if images else [prompt]):
         if i > 0:
             ids.append(IMAGE_TOKEN_INDEX)
             starts.append(offset)
@@ -248,11 +249,14 @@ def tokenize_with_offsets(tokenizer: Tokenizer, prompt: str) -> tuple[list, list
 # tokenization and label masking (llava/train/train.py preprocess_*)
 
 
-def to_messages(conversations: list, has_image: bool) -> list[tuple[int, str]]:
-    """LLaVA JSON turns [{"from": "human"|"gpt", "value": text}, ...] -> [(0|1, text), ...], checked.
+def to_messages(conversations: list, has_image: int) -> list[tuple[int, str]]:
+    """LLaVA JSON turns [{"from": "human"|"gpt", "value": text}, ...] -> [(0|1, text), ...], checked. has_image: the
+    sample's number of images (or a bool).
 
     As official preprocess_multimodal, in an image sample a turn's "<image>" moves to its front: "Q\\n<image>" becomes
-    "<image>\\nQ". (A turn with several markers, which the official single-image code never sees, stays as written.)"""
+    "<image>\\nQ", and several markers in the turn of a one-image sample become that one. (With several images, our
+    extension, a turn's markers stay as written unless there is one.) In a sample without an image, "<image>" is
+    text."""
     if conversations and isinstance(conversations[0], dict) and conversations[0].get("from") != "human":
         conversations = conversations[1:]  # official: a conversation that opens with the assistant loses that turn
     if not conversations or len(conversations) % 2:
@@ -266,15 +270,15 @@ def to_messages(conversations: list, has_image: bool) -> list[tuple[int, str]]:
             raise DataError(f"turn {i} has no text")
         if i % 2 and not text.strip():
             raise DataError(f"turn {i}: empty answer")
-        if i % 2 and IMAGE_MARKER in text:
+        if i % 2 and has_image and IMAGE_MARKER in text:
             raise DataError(f"turn {i}: {IMAGE_MARKER} in an answer")
-        if has_image and text.count(IMAGE_MARKER) == 1:
+        if has_image and IMAGE_MARKER in text and (has_image == 1 or text.count(IMAGE_MARKER) == 1):
             text = (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
         messages.append((i % 2, text))
     return messages
 
 
-def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_image: bool) -> tuple[list, list]:
+def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_image: int) -> tuple[list, list]:
     """(input_ids, labels) of one training conversation, as the official preprocess of that template.
 
     "plain" (stage 1, preprocess_plain): the instruction is dropped; the sample is "<image>" + caption + "\\n" and
@@ -291,8 +295,17 @@ def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_ima
         return input_ids, [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
     if conv.style == "single":
         raise ValueError(f"{template!r} is for inference only here; train with 'plain' or a v1-style template")
+    if conv.style == "two":
+        # official preprocess_v1 finds the rounds by cutting the prompt at these strings, so a message holding one
+        # throws its count off ("tokenization mismatch") and the whole sample is masked; an answer holding "</s>"
+        # would otherwise teach the model to stop there
+        for _, text in messages:
+            for cut in (conv.sep2, conv.sep + conv.roles[1] + ": "):
+                if cut in text:
+                    raise DataError(f"{cut!r} in a message: the official preprocessing cuts rounds there and masks "
+                                    "the whole sample")
     prompt = render(conv, messages)
-    input_ids, starts, ends = tokenize_with_offsets(tokenizer, prompt)
+    input_ids, starts, ends = tokenize_with_offsets(tokenizer, prompt, images=bool(has_image))
     labels = [IGNORE_INDEX] * len(input_ids)
     for i in range(1, len(messages), 2):
         # an answer's tokens are those its text adds: after the prompt up to "ASSISTANT:", up to " answer</s>"
@@ -465,7 +478,9 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         files = [files] if isinstance(files, str) else files
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise DataError(f"image must be a path or a list of paths, not {files!r:.80}")
-        input_ids, labels = preprocess(record["conversations"], self.tokenizer, self.template, bool(files))
+        input_ids, labels = preprocess(record["conversations"], self.tokenizer, self.template, len(files))
+        if files and IMAGE_TOKEN_INDEX not in input_ids:
+            files = []  # official: the image is encoded, then left out (image_features[0:0]): the sample is text
         if input_ids.count(IMAGE_TOKEN_INDEX) != len(files):
             raise DataError(f"{input_ids.count(IMAGE_TOKEN_INDEX)} {IMAGE_MARKER} markers for {len(files)} images")
         kept = truncate(input_ids, labels, self.max_len, self.image_tokens)

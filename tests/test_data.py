@@ -223,9 +223,25 @@ def test_to_messages_official_edits():
     turns = [dict(zip(("from", "value"), turn)) for turn in
              [("gpt", "hello"), ("human", "What is it?\n<image>"), ("gpt", "A cat."),
               ("human", "Compare <image> and <image>."), ("gpt", "Same.")]]
-    assert to_messages(turns, has_image=True) == [  # leading gpt turn dropped; a lone marker moves to the front
+    assert to_messages(turns, has_image=3) == [  # leading gpt turn dropped; a lone marker moves to the front
         (0, "<image>\nWhat is it?"), (1, "A cat."), (0, "Compare <image> and <image>."), (1, "Same.")]
     assert to_messages(turns[1:3], has_image=False) == [(0, "What is it?\n<image>"), (1, "A cat.")]
+    # one image: official preprocess_multimodal takes every marker out of a turn and puts one in front
+    assert to_messages(turns[3:], has_image=True) == [(0, "<image>\nCompare  and ."), (1, "Same.")]
+
+
+def test_official_preprocessing_of_odd_samples(llama_tokenizer):
+    """What official preprocess does with samples the LLaVA data can hold: "<image>" in a text-only sample is text;
+    an image sample without a marker trains as text (the image is encoded, then left out); "</s>" or " ASSISTANT: "
+    in a message throws the official round count off, which masks the whole sample ("tokenization mismatch")."""
+    ids, labels = preprocess(turns("What does <image> mean in HTML?", "A tag."), llama_tokenizer, "vicuna_v1", False)
+    plain_text = llama_tokenizer.encode(render(CONV_TEMPLATES["vicuna_v1"], [(0, "What does <image> mean in HTML?"),
+                                                                            (1, "A tag.")])).ids
+    assert IMAGE_TOKEN_INDEX not in ids and ids == plain_text
+    assert sum(label != IGNORE_INDEX for label in labels) > 0
+    for message in ("It is </s> in the vocabulary.", "Write ASSISTANT: like this."):
+        with pytest.raises(DataError, match="the official preprocessing cuts rounds there"):
+            preprocess(turns("What is the end token?", message), llama_tokenizer, "vicuna_v1", False)
 
 
 # -----------------------------------------------------------------------------
@@ -465,11 +481,23 @@ BAD = {  # id -> (sample, what the error must say)
     "corrupt": (dict(image="corrupt.png", conversations=turns("<image>\nQ?", "red")), "corrupt.png: cannot read"),
     "bomb": (dict(image="bomb.png", conversations=turns("<image>\nQ?", "red")), "bomb.png: decompression bomb"),
     "order": (dict(conversations=turns("Q?", "red")[:1] * 2), "must alternate"),
-    "two_markers": (dict(image="ok.png", conversations=turns("<image>\n<image>\nQ?", "red")), "2 <image> markers for 1"),
-    "no_marker": (dict(image="ok.png", conversations=turns("Q?", "red")), "0 <image> markers for 1 images"),
-    "text_marker": (dict(conversations=turns("<image>\nQ?", "red")), "1 <image> markers for 0 images"),
+    "two_images": (dict(image="ok.png", conversations=turns("<image>\nQ?", "red", "<image>\nAnd?", "blue")),
+                   "2 <image> markers for 1"),
+    "marker_in_answer": (dict(image="ok.png", conversations=turns("<image>\nQ?", "<image> red")), "in an answer"),
+    "end_in_answer": (dict(conversations=turns("Q?", "red</s> and blue")), "'</s>' in a message"),
     "empty": (dict(image="ok.png", conversations=turns("<image>\nQ?", "  ")), "empty answer"),
 }
+
+
+def test_an_image_sample_without_a_marker_trains_as_text(tmp_path, toy_world):
+    """As official: its image is encoded and then left out (image_features[0:0]), so the sample is text alone."""
+    shutil.copy(toy_world["images"] / "train_00000.png", tmp_path / "ok.png")
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([dict(id="no_marker", image="ok.png", conversations=turns("What is it?", "red"))]))
+    sample = LazySupervisedDataset(path, tmp_path, load_tokenizer(toy_world["tokenizer"]), "vicuna_v1",
+                                   image_size=32)[0]
+    assert IMAGE_TOKEN_INDEX not in sample["input_ids"].tolist() and sample["images"].shape == (0, 3, 32, 32)
+    assert (sample["labels"] != IGNORE_INDEX).any()
 
 
 @pytest.fixture
