@@ -145,6 +145,10 @@ def load_tokenizer(path) -> Tokenizer:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {path.parent}; copy them from the model's "
                                 "checkpoint directory (e.g. lmsys/vicuna-7b-v1.5 on the Hugging Face hub)")
     tokenizer = tokenizer_from_sentencepiece(path) if path.suffix == ".model" else Tokenizer.from_file(str(path))
+    if tokenizer.encode(EOS + "a").tokens[-1] == "a":
+        # saved without the legacy behaviour (transformers' legacy=False: a Metaspace pre-tokenizer that puts "▁" only
+        # at the start of the text), it reads "</s>USER" as "USER", where LLaVA-1.5 was trained on "▁US ER" (spec §2)
+        _legacy_text_handling(tokenizer)
     for piece, want in ((UNK, PAD_ID), (BOS, BOS_ID), (EOS, EOS_ID)):
         if tokenizer.token_to_id(piece) != want:
             raise ValueError(f"{path}: {piece} has id {tokenizer.token_to_id(piece)}; a LLaMA tokenizer has {want}")
@@ -158,13 +162,20 @@ def _llama_tokenizer(vocab: dict, merges: list) -> Tokenizer:
     LLaVA-1.5 was trained with): "▁" is prepended and every space becomes "▁" (SentencePiece's dummy prefix),
     characters outside the vocabulary fall back to their UTF-8 bytes <0x..>, and <s> is put in front."""
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True, byte_fallback=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    _legacy_text_handling(tokenizer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, BOS_ID)])
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     tokenizer.add_special_tokens([AddedToken(piece, normalized=False, special=True) for piece in (UNK, BOS, EOS)])
     return tokenizer
+
+
+def _legacy_text_handling(tokenizer: Tokenizer):
+    """LLaMA's legacy normalizer and decoder: each stretch of text between special tokens gets its own "▁" in front
+    and its spaces become "▁"; decoding undoes it."""
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = None
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
 
 
 def _protobuf_fields(buf: bytes):

@@ -106,6 +106,25 @@ def test_tokenizer_from_sentencepiece_model(tmp_path, llama_tokenizer):
     assert from_model.decode(from_model.encode("Hello, 世界 🙂").ids) == "Hello, 世界 🙂"
 
 
+def test_a_tokenizer_json_saved_without_legacy_behaviour_reads_as_llava_was_trained(tmp_path, llama_tokenizer):
+    """transformers' legacy=False saves LLaMA's tokenizer.json with a Metaspace pre-tokenizer that puts "▁" only at
+    the start of the text, so text after "</s>" loses it: "</s>USER" becomes "USER", not LLaVA-1.5's "▁US ER"
+    (spec §2). Loaded here, such a file tokenizes and decodes as the legacy one."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    saved = Tokenizer.from_file(str(FIXTURES / "llama2-tokenizer" / "tokenizer.json"))
+    saved.normalizer = None
+    saved.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    saved.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    saved.save(str(tmp_path / "tokenizer.json"))
+    second_turn = render(CONV_TEMPLATES["vicuna_v1"], [(0, "<image>\nWhat is it?"), (1, "A  cat."), (0, "And?")])
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(second_turn).ids != \
+        llama_tokenizer.encode(second_turn).ids  # the case: the file as saved reads it otherwise
+    loaded = load_tokenizer(tmp_path)
+    for text in [second_turn, "  two  spaces", " Hello, 世界 🙂", "a</s>b c", *(row["text"] for row in GOLDEN_TOKENIZER)]:
+        assert loaded.encode(text).ids == llama_tokenizer.encode(text).ids, text
+        assert loaded.decode(loaded.encode(text).ids) == llama_tokenizer.decode(llama_tokenizer.encode(text).ids)
+
+
 def test_load_tokenizer_without_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
         load_tokenizer(tmp_path)
