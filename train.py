@@ -224,10 +224,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def get_lr(step: int, total: int, base: float, warmup_ratio: float) -> float:
-    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (HF's cosine schedule)."""
+    """The learning rate of optimizer step `step` (from 0): linear warmup over warmup_ratio of the steps, then cosine
+    decay to 0, as HF's get_cosine_schedule_with_warmup gives it to LLaVA's Trainer (whose first step runs at 0)."""
     warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
-        return base * (step + 1) / warmup
+        return base * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -7,6 +7,7 @@ Each run is a real `python train.py` subprocess. OMP_NUM_THREADS=1 keeps CPU ari
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -479,6 +480,21 @@ def test_a_rank_without_a_gpu_of_its_own_stops_before_any_work(gpus, local_rank,
     with pytest.raises(SystemExit, match=error):
         train_main(["--stage", "1", "--device", "cuda", "--runs-dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_learning_rate_schedule_is_hfs_cosine_with_warmup():
+    """LLaVA's Trainer steps HF's cosine schedule after each optimizer step, with ceil(ratio x steps) warmup steps:
+    get_lr(k) must be the rate of its optimizer step k, the first one at 0."""
+    from transformers import get_cosine_schedule_with_warmup
+    from train import get_lr
+    total, base, ratio = 217, 2e-5, 0.03
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(ratio * total), total)
+    for step in range(total):
+        assert get_lr(step, total, base, ratio) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=0)
+        optimizer.step()
+        schedule.step()
+    assert get_lr(0, total, base, ratio) == 0 and get_lr(7, total, base, ratio) == base  # 7 = ceil(0.03 x 217)
 
 
 def test_mfu_peak_follows_the_gpu_model():
