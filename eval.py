@@ -584,8 +584,8 @@ def score_sqa(answers, problems, pid_splits, split="test"):
     """problems / pid_splits: the parsed problems.json and pid_splits.json of ScienceQA.
 
     A question without an answer counts as FAILED, as in eval_science_qa.py. IMG-Accuracy (the number LLaVA reports)
-    is over the questions with an image; the original reads that from '<image>' in the answer's prompt, which the
-    runner writes exactly for the questions whose problems.json entry has an image."""
+    is over the answers whose prompt holds "<image>", as the original reads it (model_vqa_science writes it for the
+    questions with an image): a question left unanswered counts against Accuracy but not in IMG-Accuracy."""
     if split not in pid_splits:
         raise ValueError(f"pid_splits.json has no split {split!r}")
     split_pids = set(pid_splits[split])
@@ -601,7 +601,7 @@ def score_sqa(answers, problems, pid_splits, split="test"):
         # a letter beyond the question's choices is as wrong as no letter
         valid = SQA_OPTIONS[:len(problem["choices"])]
         hits.append(letter in valid and valid.index(letter) == problem["answer"])
-        if problem["image"]:
+        if "<image>" in by_pid.get(pid, {}).get("prompt", ""):
             image_hits.append(hits[-1])
     return {"accuracy": _percent(hits), "img_accuracy": _percent(image_hits), "questions": len(hits),
             "img_questions": len(image_hits), "failed": failed}

@@ -175,19 +175,21 @@ def test_sqa_letter(text, letter):
 
 
 def test_sqa():
-    # test split: pids 1 2 3 4 5 7 (pid 6 is train and is ignored)
+    # test split: pids 1 2 3 4 5 7 8 (pid 6 is train and is ignored)
     #   1 image  "B"                 -> B == B right
     #   2 image  "The answer is B."  -> B == B right
     #   3        "C. sandstone"      -> C == C right
     #   4 image  "I think it is ..." -> FAILED, wrong
     #   5        "E"                 -> E, but only A-B exist: wrong
     #   7        no answer           -> FAILED, wrong
-    # accuracy 3/6 = 50%; IMG (1, 2, 4) 2/3 = 66.67%; 2 FAILED
+    #   8 image  no answer           -> FAILED, wrong; not an IMG question: the original reads IMG off the answer's
+    #                                   prompt, and a missing answer's is "Unknown"
+    # accuracy 3/7 = 42.86%; IMG (1, 2, 4) 2/3 = 66.67%; 3 FAILED
     report = eval.score_sqa(eval.read_jsonl(fixture("sqa", "answers.jsonl")),
                             eval.read_json(fixture("sqa", "problems.json")),
                             eval.read_json(fixture("sqa", "pid_splits.json")))
     assert report == pytest.approx(
-        {"accuracy": 50.0, "img_accuracy": 200 / 3, "questions": 6, "img_questions": 3, "failed": 2})
+        {"accuracy": 300 / 7, "img_accuracy": 200 / 3, "questions": 7, "img_questions": 3, "failed": 3})
 
 
 # ---------------------------------------------------------------------------------------------------------------
