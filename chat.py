@@ -39,7 +39,7 @@ except ImportError:
 from clip import preprocess_image
 from data import CONV_TEMPLATES, IMAGE_MARKER, DataError, conv_mode_for, load_tokenizer, open_image, render, \
     tokenize_prompt
-from model import DTYPES, IMAGE_TOKEN_INDEX, CheckpointError, load_llava
+from model import DTYPES, IMAGE_TOKEN_INDEX, CheckpointError, load_llava, read_config
 
 LATEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "LATEST")  # written by train.py
 COMMANDS = "commands: /image PATH [PATH ...] (a new conversation about other images), /reset, /quit"
@@ -143,8 +143,7 @@ def choose_template(model_dir: str) -> str:
     # official rule on the name; llava-hf spells v1.5 "llava-1.5-7b-hf", where the rule looks for "v1"
     template = conv_mode_for(os.path.basename(path).lower().replace("llava-1.5", "llava-v1.5"))
     if template == "llava_v0" and os.path.isfile(os.path.join(model_dir, "config.json")):
-        with open(os.path.join(model_dir, "config.json")) as f:
-            config = json.load(f)
+        config = read_config(model_dir)
         # LLaVA-1.5's two-layer MLP projector (v0 and v1 had a linear one; every llava-hf LLaVA has the MLP)
         if config.get("mm_projector_type") == "mlp2x_gelu" or config.get("model_type") == "llava":
             return "llava_v1"

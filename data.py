@@ -414,6 +414,12 @@ def _read_records(path: Path) -> tuple[list, list | None]:
     return records, line_numbers
 
 
+def _image_files(record: dict):
+    """A sample's "image" as a list: one path, a list of paths, or none (anything else is left for the caller)."""
+    files = record.get("image") or []
+    return [files] if isinstance(files, str) else files
+
+
 class LazySupervisedDataset(torch.utils.data.Dataset):
     """LLaVA training samples, tokenized and with their images loaded on access (official LazySupervisedDataset).
 
@@ -463,8 +469,8 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         skip_bad would otherwise turn into a run that silently learns from fewer images, or none."""
         files = []
         for record in self.records[::max(1, len(self.records) // probes)]:
-            image = record.get("image") if isinstance(record, dict) else None
-            files += [image] if isinstance(image, str) else [f for f in image or [] if isinstance(f, str)]
+            if isinstance(record, dict):  # a malformed record fails (or is skipped) in __getitem__
+                files += [f for f in _image_files(record) if isinstance(f, str)]
         return len(files), [f for f in files if not (self.image_folder / f).is_file()]
 
     def __getitem__(self, i: int) -> dict | None:
@@ -485,8 +491,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             raise record
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise DataError("a sample is a JSON object with a list of conversations")
-        files = record.get("image") or []
-        files = [files] if isinstance(files, str) else files
+        files = _image_files(record)
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise DataError(f"image must be a path or a list of paths, not {files!r:.80}")
         input_ids, labels = preprocess(record["conversations"], self.tokenizer, self.template, len(files))

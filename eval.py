@@ -212,7 +212,12 @@ def mmbench_questions(rows, lang="en", all_rounds=False, path="the MMBench file"
 # image file, an MMBench question's rounds share theirs), so the prompt goes with it: the question's text, or what
 # the official runner records instead (ScienceQA, MMBench: see their questions' "prompt").
 def _question_key(question):
-    return question["question_id"], question.get("prompt", question["text"])
+    return question["question_id"], recorded_prompt(question)
+
+
+def recorded_prompt(question):
+    """What an answer records as its prompt: the question's text, or what the official runner records instead."""
+    return question.get("prompt", question["text"])
 
 
 def _answer_key(answer):
@@ -251,7 +256,7 @@ def answer_questions(model, tokenizer, conv, questions, image_folder, answers, m
                     tqdm.write(f"question {question['question_id']}: failed: {result}", file=sys.stderr)
                     failed.append(question["question_id"])
                     continue
-                answers.write(json.dumps(dict(question_id=question["question_id"], prompt=_question_key(question)[1],
+                answers.write(json.dumps(dict(question_id=question["question_id"], prompt=recorded_prompt(question),
                                               text=result, **question.get("answer_fields", {}),
                                               answer_id=uuid.uuid4().hex, model_id=model_id, metadata={})) + "\n")
             answers.flush()  # a crash loses at most this batch
@@ -601,7 +606,7 @@ def score_sqa(answers, problems, pid_splits, split="test"):
         # a letter beyond the question's choices is as wrong as no letter
         valid = SQA_OPTIONS[:len(problem["choices"])]
         hits.append(letter in valid and valid.index(letter) == problem["answer"])
-        if "<image>" in by_pid.get(pid, {}).get("prompt", ""):
+        if IMAGE_MARKER in by_pid.get(pid, {}).get("prompt", ""):
             image_hits.append(hits[-1])
     return {"accuracy": _percent(hits), "img_accuracy": _percent(image_hits), "questions": len(hits),
             "img_questions": len(image_hits), "failed": failed}
