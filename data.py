@@ -87,7 +87,8 @@ CONV_TEMPLATES = {
 def render(conv: Conversation, messages: list) -> str:
     """The prompt string of messages [(role, text), ...], alternating user and assistant from the user. A role is
     0/1, "human"/"gpt" or the template's own name; text None is the turn the model is to write (a generation prompt,
-    e.g. "... USER: <image>\\nWhat is this? ASSISTANT:")."""
+    e.g. "... USER: <image>\\nWhat is this? ASSISTANT:"). An empty text renders the same, as in the official
+    get_prompt ("if message: ... else: role:"), also mid-conversation."""
     for i, (role, _) in enumerate(messages):
         index = role if isinstance(role, int) else {"human": 0, "gpt": 1, conv.roles[0]: 0, conv.roles[1]: 1}.get(role)
         if index != i % 2:
@@ -96,7 +97,7 @@ def render(conv: Conversation, messages: list) -> str:
     if conv.style == "llama_2":
         prompt = ""
         for i, text in enumerate(texts):
-            if text is None:
+            if not text:
                 continue
             if i == 0 and conv.system:
                 text = f"<<SYS>>\n{conv.system}\n<</SYS>>\n\n{text}"
@@ -108,11 +109,11 @@ def render(conv: Conversation, messages: list) -> str:
     for i, text in enumerate(texts):
         role = conv.roles[i % 2]
         if conv.style == "two":
-            prompt += f"{role}:" if text is None else f"{role}: {text}{(conv.sep, conv.sep2)[i % 2]}"
+            prompt += f"{role}: {text}{(conv.sep, conv.sep2)[i % 2]}" if text else f"{role}:"
         elif conv.style == "single":
-            prompt += f"{role}:" if text is None else f"{role}: {text}{conv.sep}"
+            prompt += f"{role}: {text}{conv.sep}" if text else f"{role}:"
         else:  # mpt: the role strings end with "\n"
-            prompt += role if text is None else f"{role}{text}{conv.sep}"
+            prompt += f"{role}{text}{conv.sep}" if text else role
     return prompt
 
 
@@ -279,7 +280,14 @@ def to_messages(conversations: list, has_image: int) -> list[tuple[int, str]]:
         text = turn.get("value")
         if not isinstance(text, str):
             raise DataError(f"turn {i} has no text")
-        if i % 2 and not text.strip():
+        # official get_prompt renders an empty message as its role alone ("USER:"); an empty question then glues
+        # "USER:ASSISTANT:", which the official round count misses, so it masks the whole sample (we skip it)
+        if i % 2 == 0 and not text:
+            raise DataError(f"turn {i}: empty question")
+        # an empty answer before the last merges its round into the next, whose answer still trains, as official
+        # ("USER: Q1 ASSISTANT:USER: Q2 ASSISTANT: A2</s>"); an empty last answer leaves nothing to train, and a
+        # blank one ("  ") would teach blank answers, so those skip the sample
+        if i % 2 and not text.strip() and (text or i == len(conversations) - 1):
             raise DataError(f"turn {i}: empty answer")
         if i % 2 and has_image and IMAGE_MARKER in text:
             raise DataError(f"turn {i}: {IMAGE_MARKER} in an answer")

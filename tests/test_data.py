@@ -263,6 +263,25 @@ def test_official_preprocessing_of_odd_samples(llama_tokenizer):
             preprocess(turns("What is the end token?", message), llama_tokenizer, "vicuna_v1", False)
 
 
+def test_empty_turns_as_official(llama_tokenizer):
+    """Official get_prompt renders an empty message as its role alone. An empty answer before the last merges its
+    round into the next, and the official loop still trains that round's answer; an empty question or an empty
+    last answer throws the round count off (the whole sample masked), so we skip the sample."""
+    system = CONV_TEMPLATES["vicuna_v1"].system
+    official_prompt = system + " USER: Q1 ASSISTANT:USER: Q2 ASSISTANT: A2</s>"  # written out by hand
+    ids, labels = preprocess(turns("Q1", "", "Q2", "A2"), llama_tokenizer, "vicuna_v1", False)
+    assert ids == tokenize_prompt(llama_tokenizer, official_prompt)
+    assert labels == official_masking(llama_tokenizer, official_prompt, " ASSISTANT: ", "</s>")
+    assert llama_tokenizer.decode([x for x in labels if x != IGNORE_INDEX], skip_special_tokens=False) == "A2</s>"
+    for conversation, message in [(turns("Q1", "A1", "", "A2"), "turn 2: empty question"),
+                                  (turns("Q1", "A1", "Q2", ""), "turn 3: empty answer")]:
+        with pytest.raises(AssertionError, match="mismatch"):  # the official loop would mask all of it
+            messages = [(i % 2, turn["value"]) for i, turn in enumerate(conversation)]
+            official_masking(llama_tokenizer, render(CONV_TEMPLATES["vicuna_v1"], messages), " ASSISTANT: ", "</s>")
+        with pytest.raises(DataError, match=message):
+            preprocess(conversation, llama_tokenizer, "vicuna_v1", False)
+
+
 # -----------------------------------------------------------------------------
 # truncation
 
