@@ -478,14 +478,15 @@ def score_textvqa(answers, annotations):
         if key not in truth:
             raise _unknown(answer["question_id"])
         scored.append((answer["text"], truth[key]["answers"], None))
-    return _vqa_report(scored)
+    return {**_vqa_report(scored), "unanswered": len(truth) - len(scored)}  # official also scores the answered only
 
 
 def score_vizwiz(answers, questions, annotations):
     """questions: LLaVA's VizWiz question jsonl records (question_id -> image); annotations: the parsed val.json list.
 
     "unanswerable" is an ordinary answer string for the accuracy, as in the official code; its separate
-    unanswerability metric is the F1 of predicting "unanswerable" against answerable == 0."""
+    unanswerability metric is the F1 of predicting "unanswerable" against answerable == 0. Questions without an
+    answer are left out and counted (the official converter refuses such a file)."""
     image_of = {q["question_id"]: q["image"] for q in questions}
     truth = {a["image"]: a for a in annotations}
     scored, tp, fp, fn = [], 0, 0, 0
@@ -501,6 +502,7 @@ def score_vizwiz(answers, questions, annotations):
         fn += is_unanswerable and not said_unanswerable
     report = _vqa_report(scored)
     report["unanswerable_f1"] = 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    report["unanswered"] = len({q["question_id"] for q in questions}) - len(scored)
     return report
 
 
@@ -508,7 +510,9 @@ def score_vizwiz(answers, questions, annotations):
 # GQA: exact match
 
 def score_gqa(answers, questions):
-    """questions: the parsed testdev_balanced_questions.json ({question_id: {"answer", "types", ...}})."""
+    """questions: the parsed testdev_balanced_questions.json ({question_id: {"answer", "types", ...}}).
+
+    Questions without an answer are left out and counted (GQA's eval.py stops at the first one)."""
     hits = defaultdict(list)
     for answer in _by_key(answers, lambda a: str(a["question_id"])).values():
         question = questions.get(str(answer["question_id"]))
@@ -519,7 +523,7 @@ def score_gqa(answers, questions):
         hits["open" if question["types"]["structural"] == "query" else "binary"].append(correct)
     every = hits["binary"] + hits["open"]
     return {"accuracy": _percent(every), "binary": _percent(hits["binary"]), "open": _percent(hits["open"]),
-            "questions": len(every)}
+            "questions": len(every), "unanswered": len(questions) - len(every)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_textvqa_matches_by_image_and_question():
     # accuracy = (0.9 + 1.0 + 0.3) / 3 = 2.2 / 3 = 73.33%
     report = eval.score_textvqa(eval.read_jsonl(fixture("textvqa", "answers.jsonl")),
                                 eval.read_json(fixture("textvqa", "TextVQA_0.5.1_val.json")))
-    assert report == {"accuracy": pytest.approx(220 / 3), "questions": 3}
+    assert report == {"accuracy": pytest.approx(220 / 3), "questions": 3, "unanswered": 0}
 
 
 def test_vizwiz_unanswerable():
@@ -109,7 +109,22 @@ def test_gqa_exact_match():
     # accuracy 3/4 = 75%, binary 2/2 = 100%, open 1/2 = 50%
     report = eval.score_gqa(eval.read_jsonl(fixture("gqa", "answers.jsonl")),
                             eval.read_json(fixture("gqa", "testdev_balanced_questions.json")))
-    assert report == {"accuracy": 75.0, "binary": 100.0, "open": 50.0, "questions": 4}
+    assert report == {"accuracy": 75.0, "binary": 100.0, "open": 50.0, "questions": 4, "unanswered": 0}
+
+
+def test_unanswered_questions_are_left_out_and_counted():
+    """Where the official scripts stop at (GQA) or refuse (VizWiz) a file with questions unanswered, or score the
+    answered ones (TextVQA), the accuracy is over the answered questions and the report says how many are not."""
+    gqa = eval.read_jsonl(fixture("gqa", "answers.jsonl"))[1:]  # the first, right, answer left out: 2 of 3 right
+    report = eval.score_gqa(gqa, eval.read_json(fixture("gqa", "testdev_balanced_questions.json")))
+    assert (report["accuracy"], report["questions"], report["unanswered"]) == (pytest.approx(200 / 3), 3, 1)
+    vizwiz = eval.read_jsonl(fixture("vizwiz", "answers.jsonl"))[:-1]  # the 0.3 left out: (1.0 + 0.6 + 1.0) / 3
+    report = eval.score_vizwiz(vizwiz, eval.read_jsonl(fixture("vizwiz", "llava_val.jsonl")),
+                               eval.read_json(fixture("vizwiz", "val.json")))
+    assert (report["accuracy"], report["questions"], report["unanswered"]) == (pytest.approx(260 / 3), 3, 1)
+    textvqa = eval.read_jsonl(fixture("textvqa", "answers.jsonl"))[:-1]  # the 0.3 left out: (0.9 + 1.0) / 2
+    report = eval.score_textvqa(textvqa, eval.read_json(fixture("textvqa", "TextVQA_0.5.1_val.json")))
+    assert report == {"accuracy": pytest.approx(95.0), "questions": 2, "unanswered": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------------
