@@ -202,6 +202,19 @@ def test_second_turn_prefills_only_the_new_tokens(ours, tokenizer, images, monke
     assert [answer1, answer2] == reference_answers(model, tokenizer, images[:1], [Q1, Q2])
 
 
+def test_answers_stream_piece_by_piece_as_they_are_generated(ours, tokenizer, images, monkeypatch):
+    """stream(piece) gets the answer while it is generated, each piece once: together they are the answer."""
+    _, model = ours
+    pieces, steps = [], []  # steps: how many pieces had arrived at each decode step
+    decode_step = model.language_model.decode_step
+    monkeypatch.setattr(model.language_model, "decode_step", lambda *a: steps.append(len(pieces)) or decode_step(*a))
+    session = chat.ChatSession(model, tokenizer, "vicuna_v1", [open_image(images[0])], MAX_NEW, temperature=0.0)
+    answer = session.ask(Q1, stream=pieces.append)
+    assert answer == reference_answers(model, tokenizer, images[:1], [Q1])[0]
+    assert "".join(pieces).strip() == answer and len(pieces) > 1
+    assert steps[0] == 1 and steps == sorted(steps) and len(set(steps)) > 1  # they came out step by step
+
+
 def test_sampling_is_reproducible_with_a_seed(ours, tokenizer, images):
     _, model = ours
 

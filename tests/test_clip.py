@@ -56,12 +56,18 @@ def test_pad_background_is_the_clip_mean_colour():
     assert x[0, 168, 168] > 1.5  # the red image itself sits in the middle
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I",
+                                  "F", "1"])
 def test_every_pillow_mode_becomes_rgb(mode):
     ramp = np.tile(np.arange(64, dtype=np.uint16) * 4, (48, 1))
-    image = Image.fromarray(ramp * 256) if mode == "I;16" else Image.fromarray(ramp.astype(np.uint8)).convert(mode)
+    if mode in ("I;16", "I"):  # 16-bit grayscale, as a 16-bit PNG opens (Pillow would clip it all to white)
+        image = Image.fromarray(ramp * 256) if mode == "I;16" else Image.fromarray((ramp * 256).astype(np.int32))
+    else:
+        image = Image.fromarray(ramp.astype(np.uint8)).convert("RGB").convert(mode)
+    assert image.mode == mode
     rgb = to_rgb(image)
     assert rgb.mode == "RGB" and rgb.size == (64, 48)
     pixels = np.asarray(rgb)
-    assert pixels.max() > 200 and pixels.min() < 50  # the ramp survives: no all-white clipping of 16-bit input
+    assert pixels.max() > 200 and pixels.min() < 50
+    assert 100 < pixels[:, 32].mean() < 160  # the ramp's middle stays grey: no clipping of 16-bit input to white
     assert preprocess_image(image, 32, "pad").shape == (3, 32, 32)

@@ -424,13 +424,14 @@ def test_default_toy_world(tmp_path, capsys):
     by_place = [p == sorted(p, key=list(POSITIONS).index) for p in places if len(p) > 1]
     assert 0.25 < sum(by_place) / len(by_place) < 0.4  # by chance: 1/2 of 2-object scenes, 1/6 of 3-object ones
     # question samples draw a scene in proportion to its objects (1/6 have one object; 1/3 if drawn evenly), and
-    # ask count, the whole image's question, half as often as each look-up (about 0.5 times as often as position,
+    # ask count, the whole image's question, and size half as often as each look-up (about 0.5 times as often as position,
     # once a scene's repeats are dropped; 0.85 times if all were drawn evenly)
     objects_in = {r["image"]: len(p) for r, p in zip(stage1, places)}
     qa = [r for r in stage2 if isinstance(r.get("image"), str) and "Describe" not in r["conversations"][0]["value"]]
     assert 0.12 < sum(objects_in[r["image"]] == 1 for r in qa) / len(qa) < 0.22
     asked = [t["value"] for r in qa for t in r["conversations"][::2]]
-    assert sum("How many" in q for q in asked) / sum("Where is" in q for q in asked) < 0.65
+    for rarer in ("How many", "large or small?"):  # count, and size, which the eval never asks
+        assert 0.4 < sum(rarer in q for q in asked) / sum("Where is" in q for q in asked) < 0.65
 
     questions = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     assert len(questions) == 300 and len({q["question_id"] for q in questions}) == 300

@@ -241,9 +241,12 @@ def test_science_qa_json_is_asked_as_model_vqa_science(runs, tmp_path):
     assert [a["prompt"] for a in answers] == ["<image>\n" + asked[0], asked[1], "<image>\n" + asked[2]]
     expected = [dict(text=text, **({"image": r["image"]} if "image" in r else {})) for text, r in zip(asked, records)]
     assert [a["text"] for a in answers] == reference_answers(runs, expected, "vicuna_v1")
-    problems = {str(k): {"choices": ["x", "y"], "answer": 0, "image": r.get("image")} for k, r in enumerate(records)}
-    report = eval.score_sqa(answers, problems, {"test": ["0", "1", "2"]})
-    assert report["questions"] == 3 and report["img_questions"] == 2
+    # scored as written, with the model's letters put in: "A" is right for questions 0 and 2, wrong for 1
+    problems = {str(k): {"choices": ["x", "y", "z"], "answer": int(k == 1), "image": r.get("image")}
+                for k, r in enumerate(records)}
+    report = eval.score_sqa([dict(a, text="A") for a in answers], problems, {"test": ["0", "1", "2"]})
+    assert (report["questions"], report["img_questions"]) == (3, 2)
+    assert report["accuracy"] == pytest.approx(200 / 3) and report["img_accuracy"] == 100.0
 
 
 def mmbench_tsv(runs, path):
@@ -264,7 +267,7 @@ def mmbench_tsv(runs, path):
     return rows, [images[0], images[1], images[0]]
 
 
-def test_mmbench_tsv_is_asked_as_model_vqa_mmbench_in_every_round(runs, tmp_path):
+def test_mmbench_tsv_is_asked_as_model_vqa_mmbench_in_every_round(runs, tmp_path, monkeypatch):
     """Hint, question and "A. option" lines, then the letter instruction; the image from the tsv's base64. With
     --all-rounds each question is asked once per rotation of its options, and the answers say how to map them back:
     the scorer reads them."""
@@ -285,10 +288,22 @@ def test_mmbench_tsv_is_asked_as_model_vqa_mmbench_in_every_round(runs, tmp_path
     expected = reference_answers(runs, [{"text": a["prompt"] + suffix, "image": images[a["question_id"]]}
                                         for a in answers], "vicuna_v1")
     assert [a["text"] for a in answers] == expected
-    report = eval.score_mmbench(answers, rows)
-    assert report["questions"] == 3
-    cn = eval.mmbench_questions(eval.read_tsv(question_file), lang="cn")
-    assert len(cn) == 3 and cn[0]["text"].endswith("\n请直接回答选项字母。")
+    # scored as written, with the model's letters put in: the letter it was shown for the right option in every
+    # round but one of question 1, which fails that question (circular evaluation)
+    right = [dict(a, text="ABCD"[a["option_char"].index(rows[a["question_id"]]["answer"])]) for a in answers]
+    assert eval.score_mmbench(right, rows)["accuracy"] == 100.0
+    right[3]["text"] = "ABC".replace(right[3]["text"], "")[0]
+    report = eval.score_mmbench(right, rows)
+    assert report["questions"] == 3 and report["accuracy"] == pytest.approx(200 / 3)
+    assert report["by_category"] == {"colour": 100.0, "position": 100.0, "shape": 0.0}
+
+    # --lang cn: the Chinese letter instruction
+    asked, answer_batch = [], eval.answer_batch
+    monkeypatch.setattr(eval, "answer_batch", lambda model, tokenizer, conv, questions, *a, **k: (
+        asked.extend(q["text"] for q in questions) or answer_batch(model, tokenizer, conv, questions, *a, **k)))
+    eval.main(["generate", "--runs-dir", str(runs["root"]), "--question-file", str(question_file),
+               "--answers-file", str(tmp_path / "cn.jsonl"), "--max-new-tokens", "2", "--lang", "cn"])
+    assert len(asked) == 3 and all(text.endswith("\n请直接回答选项字母。") for text in asked)
     # a bad image in the tsv is the question's own error (reported, the run goes on), named by its question
     for cell, message in (("not base64!", "the image of question 5 is not base64"),
                           (base64.b64encode(b"not an image").decode(), "the image of question 5: cannot read")):

@@ -84,8 +84,9 @@ def test_llama_logits_match_transformers_with_gqa(tmp_path, fmt):
     assert (got - ref).abs().max() < TOL
 
 
-def test_half_precision_checkpoint_loads_into_requested_dtype(tmp_path):
-    hf = tiny_hf.hf_llama().to(torch.bfloat16)
+@pytest.mark.parametrize("saved", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads_into_requested_dtype(tmp_path, saved):
+    hf = tiny_hf.hf_llama().to(saved)
     hf.save_pretrained(tmp_path)
     ours = load_llama(str(tmp_path), dtype=torch.float32)
     assert ours.embed_tokens.weight.dtype == torch.float32

@@ -20,14 +20,17 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from data import LazySupervisedDataset, collate, load_tokenizer, make_toy_world
 from model import Llava, LlavaConfig, load_clip, load_llama, load_llava
-from train import (flops_per_token, llm_positions, main as train_main, peak_flops, swap_positions, swap_shapes,
-                   token_wise_similarity)
+from clip import CLIPVisionConfig
+from train import (PLACE, SHAPES, ContrastiveCLIP, contrastive_loss, flops_per_token, llm_positions, main as train_main,
+                   peak_flops, swap_positions, swap_shapes, token_wise_similarity)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE_WORDS = "|".join(SHAPES)
 pytestmark = pytest.mark.slow
 # train.py refuses FSDP on the CPU below torch 2.9 (its main says why)
 needs_cpu_fsdp = pytest.mark.skipif(torch.__version__ < "2.9", reason="FSDP on the CPU (gloo) needs torch >= 2.9")
@@ -130,6 +133,9 @@ def test_logged_tokens_are_the_positions_the_llm_runs(runs, tmp_path):
     _, _, valid, *_ = model.splice(batch["input_ids"], batch["images"], batch["attention_mask"])
     assert record["tokens"] == int(valid.sum()) == int(batch["attention_mask"].sum()) + 128 * (N - 1)
     assert llm_positions(collate(samples, pack=True, image_tokens=N), N) == record["tokens"]
+    # the rest of the record: the step's learning rate (the schedule's first: 0), its rate, nothing skipped
+    assert record["step"] == 1 and record["lr"] == 0.0 and record["skipped"] == 0
+    assert math.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["tokens_per_s"] > 0
 
 
 def test_two_process_ddp_matches_one_process(runs, tmp_path):
@@ -267,6 +273,8 @@ def test_bf16_mixed_precision_follows_fp32(runs, stage1_model, tmp_path, device)
     masters = trainable(tmp_path / "bf16", 4)
     assert any(k.startswith("language_model.layers.") for k in masters)
     assert {t.dtype for t in masters.values()} == {torch.float32}
+    optimizer = torch.load(tmp_path / "bf16" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert [group["fused"] for group in optimizer["param_groups"]] == [True, True]  # decayed and not decayed
     tower = load_file(str(next((tmp_path / "bf16" / "model").glob("*.safetensors"))))
     tower = {k: t for k, t in tower.items() if "vision_tower" in k}
     assert tower and {t.dtype for t in tower.values()} == {torch.bfloat16}
@@ -346,6 +354,8 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     assert "1 samples skipped" in out.stdout + out.stderr
     state = json.load(open(tmp_path / "bad" / "checkpoint-2" / "state.json"))
     assert state["skipped"] == 1 and state["step"] == 2
+    log = [json.loads(line) for line in open(tmp_path / "bad" / "log.jsonl")]
+    assert log[-1]["skipped"] == 1  # the log counts them too, so far in the run
     assert os.path.exists(tmp_path / "bad" / "model" / "model.safetensors")
     # said up front too: all 16 samples are looked at, the one missing file named
     assert "warning: 1 of 16 image files looked for are not under" in out.stdout + out.stderr
@@ -381,10 +391,25 @@ def test_real_recipe_defaults_and_overrides(tmp_path):
     assert (cfg.lr, cfg.global_batch, cfg.micro_batch, cfg.template, cfg.image_aspect_ratio) == \
            (1e-5, 128, 16, "vicuna_v1", "pad")
     assert cfg.group_by_modality and cfg.gradient_checkpointing and cfg.warmup_ratio == 0.03
+    assert (cfg.epochs, cfg.max_len, cfg.weight_decay, cfg.grad_clip, cfg.dtype) == (1.0, 2048, 0.0, 1.0, "auto")
     cfg = resolve_config(["--stage", "1", "--llm", "V", "--vision-tower", "C", "--data", "558k.json"])
     assert (cfg.lr, cfg.global_batch, cfg.template, cfg.image_aspect_ratio) == (1e-3, 256, "plain", "square")
     with pytest.raises(SystemExit):
         resolve_config(["--stage", "1", "--llm", "V"])  # the real recipe needs --vision-tower and --data
+
+    # every option given on the command line wins over the stage's and the toy's defaults
+    other = dict(stage=2, template="llava_llama_2", image_aspect_ratio="square", projector_type="linear",
+                 device="cpu", dtype="bf16")
+    for toy in (True, False):
+        argv = ["--stage", "2"] + ([] if toy else ["--llm", "V", "--vision-tower", "C", "--data", "mix.json"])
+        defaults = resolve_config(argv)
+        given = {}
+        for field in dataclasses.fields(defaults):
+            value = getattr(defaults, field.name)
+            given[field.name] = other.get(field.name, not value if isinstance(value, bool)
+                                          else value + 3 if isinstance(value, (int, float)) else value + "_given")
+        argv = [arg for name, value in given.items() for arg in ("--" + name.replace("_", "-"), str(value))]
+        assert dataclasses.asdict(resolve_config(argv)) == given
 
 
 @pytest.mark.parametrize("bad", [["--dtype", "float16"], ["--dtype", "fp16"], ["--device", "gpu"], ["--image-aspect-ratio", "crop"],
@@ -534,6 +559,57 @@ def test_token_wise_similarity_matches_each_word_to_its_best_patch_and_skips_pad
     assert torch.equal(word_to_patch, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     # image 1's patch e3 has no word in text 1 (its padding does not count): half of image 1's patches are named
     assert torch.equal(patch_to_word, torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
+
+
+def test_stage0_clip_loss_is_clips_plus_filips():
+    """ContrastiveCLIP's loss is the sum of CLIP's (class token against each text's last token) and the mean of
+    FILIP's two token-wise terms, over the batch's captions and the extra (hard negative) texts."""
+    torch.manual_seed(0)
+    clip = ContrastiveCLIP(CLIPVisionConfig.from_name("tiny"), vocab_size=50)
+    images = torch.randn(3, 3, 32, 32)
+    text_ids = torch.randint(1, 50, (5, 6))  # 3 captions, then 2 extra negatives
+    text_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2, [True] * 5 + [False], [True] * 6,
+                              [True] * 3 + [False] * 3])
+    with torch.no_grad():
+        loss = clip(images, text_ids, text_mask)
+        image_emb = F.normalize(clip.visual_projection(clip.vision.post_layernorm(clip.vision(images, -1))), dim=-1)
+        text_emb = F.normalize(clip.text_projection(clip.text(clip.text.embed_tokens(text_ids))), dim=-1)
+        last = text_emb[torch.arange(5), torch.tensor([5, 3, 4, 5, 2])]
+        words = text_mask.clone()
+        words[:, 0] = False
+        word_to_patch, patch_to_word = token_wise_similarity(image_emb[:, 1:], text_emb, words)
+        scale = clip.logit_scale.exp()
+        clips = contrastive_loss(scale * image_emb[:, 0] @ last.T)
+        filips = (contrastive_loss(scale * word_to_patch) + contrastive_loss(scale * patch_to_word)) / 2
+        assert loss == pytest.approx(float(clips + filips), rel=1e-6) and clips > 0.1 and filips > 0.1
+        other_negatives = text_ids.clone()
+        other_negatives[3:] = torch.randint(1, 50, (2, 6))
+        assert clip(images, other_negatives, text_mask) != loss  # the extra texts take part
+
+
+def test_stage0_feeds_each_caption_with_its_two_hard_negatives(runs, tmp_path, monkeypatch):
+    """A stage-0 CLIP batch holds the captions, then each caption with other shapes, then with its places moved."""
+    shutil.copytree(runs / "toy" / "world", tmp_path / "toy" / "world")
+    seen = []
+
+    def recording_forward(clip, images, text_ids, text_mask):
+        seen.append((len(images), text_ids, text_mask))
+        return forward(clip, images, text_ids, text_mask)
+
+    forward = ContrastiveCLIP.forward
+    monkeypatch.setattr(ContrastiveCLIP, "forward", recording_forward)
+    train_main(["--stage", "0", "--runs-dir", str(tmp_path), "--lm-steps", "1", "--clip-steps", "1"])
+    (B, text_ids, text_mask), = seen
+    tokenizer = load_tokenizer(tmp_path / "toy" / "world" / "tokenizer.json")
+    texts = [tokenizer.decode(ids[mask].tolist()) for ids, mask in zip(text_ids, text_mask)]
+    assert B == 32 and len(texts) == 3 * B
+    captions = set(s["conversations"][1]["value"] for s in json.load(open(runs / "toy" / "world" / "stage1.json")))
+    for caption, other_shapes, moved in zip(texts[:B], texts[B:2 * B], texts[2 * B:]):
+        assert caption in captions
+        assert other_shapes != caption and re.sub(SHAPE_WORDS, "", other_shapes) == re.sub(SHAPE_WORDS, "", caption)
+        assert moved != caption and re.sub(PLACE, "", moved) == re.sub(PLACE, "", caption)
+        if len(re.findall(PLACE, caption)) > 1:  # several objects: the same words, in other places
+            assert sorted(re.findall(r"\w+", moved)) == sorted(re.findall(r"\w+", caption))
 
 
 def test_hard_negatives_change_what_a_caption_binds():
