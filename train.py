@@ -157,6 +157,8 @@ def resolve_config(argv=None) -> TrainConfig:
                             help=f.metadata["help"] + default_help(f))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("stage", "runs_dir")})
+    if cfg.stage not in (0, 1, 2):
+        parser.error(f"--stage {cfg.stage}: choose 0 (the toy's base models), 1 or 2")
     toy = not given.get("llm")
     values = dict(STAGE_DEFAULTS.get(cfg.stage, {}))
     if toy:

@@ -412,8 +412,8 @@ def test_real_recipe_defaults_and_overrides(tmp_path):
         assert dataclasses.asdict(resolve_config(argv)) == given
 
 
-@pytest.mark.parametrize("bad", [["--dtype", "float16"], ["--dtype", "fp16"], ["--device", "gpu"], ["--image-aspect-ratio", "crop"],
-                                 ["--projector-type", "mlp"], ["--template", "vicuna"]])
+@pytest.mark.parametrize("bad", [["--stage", "3"], ["--dtype", "float16"], ["--dtype", "fp16"], ["--device", "gpu"],
+                                 ["--image-aspect-ratio", "crop"], ["--projector-type", "mlp"], ["--template", "vicuna"]])
 def test_bad_option_values_stop_with_a_usage_error(bad, capsys):
     """A wrong value stops before any work, naming the option and the choices (not a KeyError mid-run)."""
     from train import resolve_config
