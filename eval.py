@@ -56,6 +56,7 @@ import re
 import sys
 import uuid
 from collections import defaultdict
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def read_answers(path):
     a last line without one was cut off (a crash, a kill): it does not count, and its question is answered again."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         text = f.read()
     return _parse_jsonl(text[:text.rfind("\n") + 1].split("\n"), path, required=("question_id", "prompt"))
 
@@ -312,21 +313,23 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
     mine = get_chunk(questions, num_chunks, chunk_idx)
     done = {_answer_key(a) for path in {answers_file, own_file} for a in read_answers(path)} if resume else set()
     todo = [q for q in mine if _question_key(q) not in done]
+    if todo:  # a finished run does not even load the model
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        conv_mode = args.conv_mode or trained_template(model_dir)
+        batch_size = args.batch_size or (8 if device.type == "cuda" else 4)
+        if rank == 0:
+            print(f"{model_dir}: template {conv_mode}, batch {batch_size}, {device}, {dtype}, up to "
+                  f"{args.max_new_tokens} new tokens; answering into {answers_file}", flush=True)
+        # before the answers file is touched: a model that cannot be loaded leaves no file behind
+        model = load_llava(model_dir, args.vision_tower, dtype, device)
+        tokenizer = load_tokenizer(model_dir)
     if not resume and own_file.exists():
         own_file.unlink()
 
     failed = []
     with open_for_append(own_file) as answers:
-        if todo:  # a finished run does not even load the model
-            device = resolve_device(args.device)
-            dtype = resolve_dtype(args.dtype, device)
-            conv_mode = args.conv_mode or trained_template(model_dir)
-            batch_size = args.batch_size or (8 if device.type == "cuda" else 4)
-            if rank == 0:
-                print(f"{model_dir}: template {conv_mode}, batch {batch_size}, {device}, {dtype}, up to "
-                      f"{args.max_new_tokens} new tokens; answering into {answers_file}", flush=True)
-            model = load_llava(model_dir, args.vision_tower, dtype, device)
-            tokenizer = load_tokenizer(model_dir)
+        if todo:
             failed = answer_questions(model, tokenizer, CONV_TEMPLATES[conv_mode], todo, image_folder, answers,
                                       Path(model_dir).resolve().name, batch_size, progress=rank == 0,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -779,9 +782,28 @@ def score_toy(answers, questions):
 # ---------------------------------------------------------------------------------------------------------------
 # reading the files each benchmark ships
 
+@contextmanager
+def open_text(path, newline=None):
+    """A UTF-8 text file opened for reading; bytes that are not UTF-8 are an error naming the file (Python's own
+    UnicodeDecodeError does not)."""
+    with open(path, encoding="utf-8", newline=newline) as f:
+        try:
+            yield f
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
+
+
+def check_input(option, path, kind="file"):
+    """A missing input file or folder is named by its option, so that the message says which argument to fix."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path}: no such {kind}")
+    if os.path.isdir(path) != (kind == "directory"):
+        raise ValueError(f"{option} {path}: not a {kind}")
+
+
 def read_jsonl(path, required=()):
     """One JSON object per line; a bad line, or one without a `required` field, is an error naming it."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         return _parse_jsonl(f, path, required)
 
 
@@ -804,14 +826,19 @@ def _parse_jsonl(lines, path, required=()):
 
 
 def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file; a malformed one is an error naming it (json's own message names no file)."""
+    with open_text(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON at line {error.lineno} column {error.colno} "
+                             f"({error.msg})") from None
 
 
 def read_tsv(path):
     # MMBench rows carry the image as base64, far over the csv module's default 128 KiB field limit
     csv.field_size_limit(2**31 - 1)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_text(path, newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -831,19 +858,31 @@ def read_mme_ground_truth(root):
     for category_dir in sorted(path for path in Path(root).iterdir() if path.is_dir()):
         qa_dir = category_dir / "questions_answers_YN"
         for txt in sorted((qa_dir if qa_dir.is_dir() else category_dir).glob("*.txt")):
-            for line in txt.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    question, answer = line.strip().split("\t")
+            with open_text(txt) as f:
+                for line_number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    fields = line.strip().split("\t")
+                    if len(fields) != 2:
+                        raise ValueError(f"{txt}:{line_number}: not 'question<TAB>answer'")
                     records.append({"category": category_dir.name, "file": txt.name,
-                                    "question": question, "answer": answer})
+                                    "question": fields[0], "answer": fields[1]})
     return records
 
 
 def score_files(bench, answers_path, annotations, questions=None, split="test"):
     """Read the files of one benchmark and score them (the inputs each bench takes are listed in SCORE_INPUTS)."""
+    check_input("--answers", answers_path)
+    if bench in ("vizwiz", "pope"):
+        if questions is None:
+            raise ValueError(f"{bench} needs --questions (LLaVA's question jsonl)")
+        check_input("--questions", questions)
+    check_input("--annotations", annotations, "directory" if bench in ("pope", "sqa", "mme") else "file")
+    if bench == "sqa":
+        for name in ("problems.json", "pid_splits.json"):
+            if not (Path(annotations) / name).is_file():
+                raise FileNotFoundError(f"--annotations {annotations}: no {name} in it")
     answers = read_jsonl(answers_path, required=("question_id", "prompt", "text"))
-    if bench in ("vizwiz", "pope") and questions is None:
-        raise ValueError(f"{bench} needs --questions (LLaVA's question jsonl)")
     if bench == "vqav2":
         return score_vqav2(answers, read_json(annotations))
     if bench == "textvqa":
@@ -906,16 +945,26 @@ def format_toy_table(report):
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
+def model_directory(args):
+    """--model, else the one <runs-dir>/LATEST names; checked before anything is printed, drawn or written."""
+    model_dir = args.model or latest_model(args.runs_dir)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: no such model directory")
+    return model_dir
+
+
 def evaluate_toy(args):
     """The bare `python eval.py`: the toy world's held-out questions, answered afresh, scored, printed as a table."""
-    model_dir = args.model or latest_model(args.runs_dir)
+    model_dir = model_directory(args)
     world = ensure_toy_world(Path(args.runs_dir) / "toy" / "world")
     if args.toy_scenes:  # a larger set, for comparing training recipes
         world = ensure_toy_eval(world["root"], args.toy_scenes)
     questions = read_jsonl(world["eval"], required=("question_id", "text", "category", "answer"))
     args.max_new_tokens = args.max_new_tokens or 128
-    # afresh, not resumed: training a stage again overwrites its model directory, and this takes seconds
-    answers_file = Path(args.answers_file or Path(model_dir).parent / "toy_eval_answers.jsonl")
+    # afresh, not resumed: training a stage again overwrites its model directory, and this takes seconds. A larger
+    # set has its own file, so that it does not replace the default run's answers
+    name = f"toy_eval_answers_{args.toy_scenes}scenes.jsonl" if args.toy_scenes else "toy_eval_answers.jsonl"
+    answers_file = Path(args.answers_file or Path(model_dir).parent / name)
     counts = run_generation(args, model_dir, questions, world["images"], answers_file, resume=False)
     if counts is None:
         return
@@ -928,6 +977,7 @@ def read_questions(args):
     """The question file as its official runner reads it, and that runner's new-token limit: a jsonl
     (model_vqa_loader; model_vqa for LLaVA-Bench and MM-Vet), ScienceQA's json, MMBench's tsv."""
     path = args.question_file
+    check_input("--question-file", path)
     if path.endswith(".json"):
         records = read_json(path)
         if not isinstance(records, list):
@@ -942,7 +992,7 @@ def generate_answers(args):
     """`python eval.py generate`: a question file -> an answers jsonl, resumed if it exists."""
     questions, max_new_tokens = read_questions(args)
     args.max_new_tokens = args.max_new_tokens or max_new_tokens
-    model_dir = args.model or latest_model(args.runs_dir)
+    model_dir = model_directory(args)
     counts = run_generation(args, model_dir, questions, args.image_folder, args.answers_file, args.num_chunks,
                             args.chunk_idx)
     if counts is not None:
@@ -1043,7 +1093,8 @@ def main(argv=None):
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_generation_options(parser)
     parser.add_argument("--answers-file",
-                        help="where the toy answers go (default: toy_eval_answers.jsonl beside the model directory)")
+                        help="where the toy answers go (default: beside the model directory, toy_eval_answers.jsonl, "
+                             "or toy_eval_answers_<N>scenes.jsonl with --toy-scenes N)")
     parser.add_argument("--toy-scenes", type=positive_int, default=0, metavar="N",
                         help="ask about this many held-out scenes instead of the world's 100, 3 questions each "
                              "(drawn once into <runs-dir>/toy/world/eval-<N>/): the 300 questions measure accuracy "

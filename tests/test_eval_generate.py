@@ -210,6 +210,48 @@ def test_malformed_question_line_exits_2_naming_it(runs, tmp_path, capsys, bad_l
     assert not (tmp_path / "answers.jsonl").exists()
 
 
+@pytest.mark.parametrize("case", ["missing", "malformed json"])
+def test_unreadable_question_file_exits_2_naming_it(runs, tmp_path, capsys, case):
+    question_file = tmp_path / "llava_test_CQM-A.json"
+    if case == "malformed json":
+        question_file.write_text('[{"id": "0", "conversations": []},\n {id: "1"}]')
+    with pytest.raises(SystemExit) as exit_:
+        eval.main(["generate", "--runs-dir", str(runs["root"]), "--question-file", str(question_file),
+                   "--answers-file", str(tmp_path / "answers.jsonl")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == {
+        "missing": f"error: --question-file {question_file}: no such file\n",
+        "malformed json": f"error: {question_file}: not valid JSON at line 2 column 3 "
+                          "(Expecting property name enclosed in double quotes)\n"}[case]
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+@pytest.mark.parametrize("model", ["missing", "empty"])
+@pytest.mark.parametrize("command", ["toy", "generate"])
+def test_a_model_that_cannot_be_loaded_leaves_no_answers_file(runs, tmp_path, capsys, command, model):
+    """A missing model directory is said before anything is printed; one without a model fails before the answers
+    file (for the toy evaluation beside the model directory) is created."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs["world"]["root"], root / "toy" / "world")
+    model_dir = tmp_path / "models" / "stage2"
+    if model == "empty":
+        model_dir.mkdir(parents=True)
+    argv = ["--runs-dir", str(root), "--model", str(model_dir)]
+    if command == "generate":
+        argv = ["generate", *argv, "--question-file", str(runs["question_file"]),
+                "--answers-file", str(tmp_path / "models" / "answers.jsonl")]
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        eval.main(argv)
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    if model == "missing":
+        assert out == "" and err == f"error: {model_dir}: no such model directory\n"
+    else:
+        assert err.startswith(f"error: {model_dir}: no config.json") and err.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # -----------------------------------------------------------------------------
 # ScienceQA and MMBench: the runners that build their prompts in code
 
@@ -382,7 +424,9 @@ def test_bare_eval_on_more_held_out_scenes(runs, tmp_path, capsys):
     and scored in the table; the world's own questions are left alone."""
     root = tmp_path / "runs"
     shutil.copytree(runs["world"]["root"], root / "toy" / "world")
-    (root / "LATEST").write_text(str(runs["model_dir"]))
+    model_dir = tmp_path / "stage2" / "model"
+    shutil.copytree(runs["model_dir"], model_dir)
+    (root / "LATEST").write_text(str(model_dir))
     answers_file = tmp_path / "answers.jsonl"
     args = ["--runs-dir", str(root), "--toy-scenes", "7", "--max-new-tokens", "2", "--answers-file", str(answers_file)]
     eval.main(args)
@@ -395,8 +439,14 @@ def test_bare_eval_on_more_held_out_scenes(runs, tmp_path, capsys):
     overall = next(line.split() for line in out.splitlines() if line.startswith("overall"))
     assert overall[2] == "21"
     stamp = (extra / "eval.jsonl").stat().st_mtime_ns
-    eval.main(args)  # drawn once: the second run reuses them
-    assert "drawing" not in capsys.readouterr().out and (extra / "eval.jsonl").stat().st_mtime_ns == stamp
+    # the default run's answers, beside the model directory, are not replaced: the larger set has its own file
+    (model_dir.parent / "toy_eval_answers.jsonl").write_text("THE DEFAULT RUN'S\n")
+    eval.main(args[:-2])  # drawn once: the second run reuses them
+    out = capsys.readouterr().out
+    assert "drawing" not in out and (extra / "eval.jsonl").stat().st_mtime_ns == stamp
+    assert f"answers in {model_dir.parent / 'toy_eval_answers_7scenes.jsonl'}" in out
+    assert len(lines(model_dir.parent / "toy_eval_answers_7scenes.jsonl")) == 21
+    assert (model_dir.parent / "toy_eval_answers.jsonl").read_text() == "THE DEFAULT RUN'S\n"
     assert eval.read_jsonl(root / "toy" / "world" / "eval.jsonl") == eval.read_jsonl(runs["world"]["eval"])
 
 

@@ -7,6 +7,7 @@ the 10 human answers equal to the prediction, the mean over the 10 leave-one-out
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -371,3 +372,55 @@ def test_answer_without_text_names_its_line(tmp_path):
                    '{"question_id": "201640614", "prompt": "Who is wearing the dress?"}\n')
     with pytest.raises(ValueError, match=":3: no 'text' field"):
         eval.score_files("gqa", bad, fixture("gqa", "testdev_balanced_questions.json"))
+
+
+def test_cli_names_the_malformed_json_file(tmp_path):
+    bad = tmp_path / "ann.json"
+    bad.write_text("{'question_id': 'single quotes are not JSON'}")
+    result = run_cli("score", "gqa", "--answers", str(fixture("gqa", "answers.jsonl")), "--annotations", str(bad))
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {bad}: not valid JSON at line 1 column 2 "
+                             "(Expecting property name enclosed in double quotes)\n")
+
+
+def unreadable_inputs(tmp_path):
+    """{case: (the arguments after `score`, the error line eval.py must print)}."""
+    gqa = ["--answers", fixture("gqa", "answers.jsonl"),
+           "--annotations", fixture("gqa", "testdev_balanced_questions.json")]
+    pope = ["--answers", fixture("pope", "answers.jsonl"), "--questions", fixture("pope", "llava_pope_test.jsonl")]
+    gone = tmp_path / "gone"
+    sqa = tmp_path / "sqa"
+    sqa.mkdir()
+    (sqa / "problems.json").write_bytes(fixture("sqa", "problems.json").read_bytes())
+    latin1 = tmp_path / "mmbench.tsv"
+    latin1.write_bytes(fixture("mmbench", "mmbench_dev_20230712.tsv").read_bytes() + "café\n".encode("latin-1"))
+    mme = tmp_path / "MME"
+    shutil.copytree(fixture("mme", "MME_Benchmark_release_version"), mme)
+    with open(mme / "existence" / "000000006040.txt", "a") as f:
+        f.write("Is there a question without its answer?\n")
+    return {
+        # a missing input is named by its option
+        "answers": (["gqa", *gqa[2:], "--answers", gone], f"--answers {gone}: no such file"),
+        "annotations": (["gqa", *gqa[:2], "--annotations", gone], f"--annotations {gone}: no such file"),
+        "questions": (["pope", "--answers", pope[1], "--questions", gone, "--annotations", fixture("pope", "coco")],
+                      f"--questions {gone}: no such file"),
+        "annotation folder": (["pope", *pope, "--annotations", gone], f"--annotations {gone}: no such directory"),
+        "answers folder": (["gqa", *gqa[2:], "--answers", tmp_path], f"--answers {tmp_path}: not a file"),
+        "sqa file": (["sqa", "--answers", fixture("sqa", "answers.jsonl"), "--annotations", sqa],
+                     f"--annotations {sqa}: no pid_splits.json in it"),
+        # a file that cannot be read names itself
+        "not utf-8": (["mmbench", "--answers", fixture("mmbench", "answers.jsonl"), "--annotations", latin1],
+                      f"{latin1}: not UTF-8 text (invalid continuation byte)"),
+        "mme line": (["mme", "--answers", fixture("mme", "answers.jsonl"), "--annotations", mme],
+                     f"{mme / 'existence' / '000000006040.txt'}:3: not 'question<TAB>answer'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["answers", "annotations", "questions", "annotation folder", "answers folder",
+                                  "sqa file", "not utf-8", "mme line"])
+def test_cli_unreadable_input_is_one_line_naming_it(tmp_path, capsys, case):
+    args, message = unreadable_inputs(tmp_path)[case]
+    with pytest.raises(SystemExit) as exit_:
+        eval.main(["score", *map(str, args)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
