@@ -297,7 +297,7 @@ def main():
     parser.add_argument("--stage2-batch", type=int, default=None, help="default 8 (4 on a CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each measure, after a warm-up "
                         "(the median is reported; default 3)")
-    parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+    parser.add_argument("--compile", nargs="?", const="true", choices=("true", "false"), default=None,
                         help="compile our decode step, and our decoder layers in training (default: on a GPU)")
     parser.add_argument("--skip-training", action="store_true", help="measure only generation")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON object here, rewritten after each measure "
@@ -306,7 +306,7 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.preset = args.preset or ("llava-v1.5-7b" if cuda else "tiny")
-    args.compile = cuda if args.compile is None else args.compile
+    args.compile = cuda if args.compile is None else args.compile == "true"
     for name, gpu, cpu in (("new_tokens", 256, 32), ("train_positions", 700, 128), ("stage1_batch", 16, 4),
                            ("stage2_batch", 8, 4)):
         if getattr(args, name) is None:

@@ -45,10 +45,11 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from clip import ASPECT_RATIOS, CLIPVisionConfig, CLIPVisionTower, preprocess_image
-from data import (BOS_ID, CONV_TEMPLATES, POSITIONS, SHAPES, LazySupervisedDataset, ModalityLengthGroupedSampler,
-                  collate, ensure_toy_world, load_tokenizer, open_image, place_phrase)
+from data import (BOS_ID, CONV_TEMPLATES, POSITIONS, SHAPES, DataError, LazySupervisedDataset,
+                  ModalityLengthGroupedSampler, collate, ensure_toy_world, load_tokenizer, open_image, place_phrase)
 from llama import Llama, LlamaConfig
-from model import DTYPES, IGNORE_INDEX, Llava, load_base, load_projector, save_clip, save_llama, save_llava
+from model import (DTYPES, IGNORE_INDEX, CheckpointError, Llava, load_base, load_projector, save_clip, save_llama,
+                   save_llava)
 from projector import projector_depth
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -149,11 +150,20 @@ def default_help(f: dataclasses.Field) -> str:
     return f" (default {real}" + (f"; the toy: {toy})" if toy != real else ")")
 
 
+def parse_bool(text: str) -> bool:
+    """true/false (or yes/no, on/off, 1/0); anything else is a usage error, not a silent false."""
+    value = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+             "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
+
+
 def resolve_config(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        kind = (lambda s: s.lower() in ("1", "true", "yes", "on")) if f.type is bool else f.type
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, metavar=f.type.__name__.upper(),
+        flag = dict(type=parse_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)  # --x: true
+        parser.add_argument("--" + f.name.replace("_", "-"), **flag, default=None, metavar=f.type.__name__.upper(),
                             help=f.metadata["help"] + default_help(f))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("stage", "runs_dir")})
@@ -177,6 +187,9 @@ def resolve_config(argv=None) -> TrainConfig:
         missing = [name for name in ("llm", "vision_tower", "data") if not getattr(cfg, name)]
         if missing:
             parser.error("the real recipe needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        for name in ("llm", "vision_tower", "projector", "data", "image_folder"):
+            if given.get(name) and not os.path.exists(given[name]):  # before minutes of loading, not after
+                parser.error(f"--{name.replace('_', '-')} {given[name]}: no such file or directory")
         if cfg.template not in CONV_TEMPLATES:
             parser.error(f"--template {cfg.template!r}: choose from {', '.join(CONV_TEMPLATES)}")
         if cfg.image_aspect_ratio not in ASPECT_RATIOS:
@@ -688,7 +701,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     log(rank, f"stage {cfg.stage}: {len(dataset)} samples, {total_steps} steps of {cfg.global_batch} "
-              f"({world} ranks × {accum} micro-steps × {cfg.micro_batch}), trainable "
+              f"({world} rank{'s' * (world > 1)} × {accum} micro-step{'s' * (accum > 1)} × {cfg.micro_batch}), trainable "
               f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M of "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -778,16 +791,25 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     if step > start_step:  # a finished run resumed has its last checkpoint already
         save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     plain = gather_model(model) if cfg.fsdp else model
-    if rank == 0:
-        final = os.path.join(cfg.out_dir, "model")
+    final, latest = os.path.join(cfg.out_dir, "model"), os.path.join(cfg.runs_dir, "LATEST")
+    if rank == 0 and step == start_step and os.path.exists(os.path.join(final, "config.json")):
+        log(rank, f"stage {cfg.stage}: nothing left to train in {cfg.out_dir} (step {step} of {total_steps}); its "
+                  f"model is {final}, {latest} unchanged")
+    elif rank == 0:
         save_llava(plain, final)
         for name in os.listdir(cfg.llm):
             if name.startswith(("tokenizer", "special_tokens_map")):
                 shutil.copy(os.path.join(cfg.llm, name), final)
         with open(os.path.join(final, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        point_latest(cfg.runs_dir, final)
-        log(rank, f"stage {cfg.stage} done: {step} steps, {skipped} samples skipped; model saved to {final}")
+        # a run that --max-steps cut short is a smoke test, not the model chat.py and eval.py should pick up
+        if step == total_steps:
+            point_latest(cfg.runs_dir, final)
+            where = f"chat.py and eval.py now use it ({latest})"
+        else:
+            where = f"{latest} unchanged, as --max-steps stopped the run at step {step} of {total_steps}"
+        log(rank, f"stage {cfg.stage} done: {step} steps, {skipped} sample{'s' * (skipped != 1)} skipped; model "
+                  f"saved to {final}; {where}")
     return model
 
 
@@ -812,16 +834,20 @@ def main(argv=None):
         start_afresh(cfg, rank)
     torch.manual_seed(cfg.seed)
     toy = cfg.llm == toy_paths(cfg)["llm"]
+    if cfg.stage == 2 and toy and cfg.projector and not os.path.isdir(cfg.projector):
+        runs_dir = "" if cfg.runs_dir == TrainConfig.runs_dir else f" --runs-dir {cfg.runs_dir}"
+        raise SystemExit(f"stage 2 starts from stage 1's projector; run `python train.py --stage 1{runs_dir}` first "
+                         f"(no {cfg.projector})")
     if cfg.stage == 0 or (toy and not os.path.exists(os.path.join(cfg.vision_tower, "config.json"))):
         run_stage0(cfg, rank)
         if dist.is_initialized():
             dist.barrier()
-    if cfg.stage == 2 and toy and cfg.projector and not os.path.isdir(cfg.projector):
-        raise SystemExit(f"stage 2 starts from stage 1's projector; run `python train.py --stage 1` first "
-                         f"(no {cfg.projector})")
     if cfg.stage in (1, 2):
         log(rank, "config: " + json.dumps(dataclasses.asdict(cfg)))
-        train(cfg, rank, world, device, dtype)
+        try:
+            train(cfg, rank, world, device, dtype)
+        except (DataError, CheckpointError, FileNotFoundError) as e:  # their messages name the file and the fix
+            raise SystemExit(f"error: {e}") from None
     if dist.is_initialized():
         # all ranks leave together: a rank that exits while a gloo worker thread still holds the tensors of its last
         # collective (FSDP's all-gathers) aborts when that thread frees them under the finalizing interpreter

@@ -98,8 +98,8 @@ def assert_same_log(run_a, run_b, steps):
 
 def test_stage1_trains_only_the_projector_and_the_loss_falls(runs, tmp_path):
     out = tmp_path / "s1"
-    train(runs, "--stage", 1, "--out-dir", out, "--global-batch", 8, "--micro-batch", 8, "--max-steps", 16,
-          "--lr", 3e-3, "--warmup-ratio", 0)
+    args = ["--stage", 1, "--global-batch", 8, "--micro-batch", 8, "--lr", 3e-3, "--warmup-ratio", 0]
+    train(runs, *args, "--out-dir", out, "--epochs", 1)  # 128 samples: 16 steps
     model = load_llava(str(out / "model"))
     base_llm, base_clip = load_llama(str(runs / "toy" / "base" / "llm")), load_clip(str(runs / "toy" / "base" / "clip"))
     for ours, base in ((model.language_model, base_llm), (model.vision_tower, base_clip)):
@@ -112,6 +112,16 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(runs, tmp_path):
     assert open(runs / "LATEST").read().strip() == str(out / "model")
     config = json.load(open(out / "model" / "train_config.json"))
     assert config["template"] == "plain" and config["stage"] == 1
+    # LATEST (what chat.py and eval.py use) names finished runs: not a smoke test's, nor a finished run resumed
+    smoke = train(runs, *args, "--out-dir", tmp_path / "smoke", "--max-steps", 1)
+    assert "LATEST unchanged, as --max-steps stopped the run at step 1 of 48" in smoke.stdout
+    assert os.path.exists(tmp_path / "smoke" / "model" / "model.safetensors")
+    stamp = os.stat(out / "model" / "model.safetensors").st_mtime_ns
+    (runs / "LATEST").write_text("elsewhere\n")
+    again = train(runs, *args, "--out-dir", out, "--epochs", 1, "--resume", "true")
+    assert "nothing left to train" in again.stdout and open(runs / "LATEST").read() == "elsewhere\n"
+    assert os.stat(out / "model" / "model.safetensors").st_mtime_ns == stamp
+    (runs / "LATEST").write_text(str(out / "model") + "\n")
 
 
 def test_logged_tokens_are_the_positions_the_llm_runs(runs, tmp_path):
@@ -211,7 +221,7 @@ def test_one_rank_under_torchrun_trains_in_bf16_as_one_process_with_ddp_and_fsdp
     train(runs, *common, "--out-dir", tmp_path / "one")
     for engine, options in (("ddp", []), ("fsdp", ["--fsdp", "true"])):
         out = torchrun(runs, *common, "--out-dir", tmp_path / engine, *options, ranks=1)
-        assert "1 ranks × 2 micro-steps × 4" in out.stdout + out.stderr
+        assert "1 rank × 2 micro-steps × 4" in out.stdout + out.stderr
         logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", engine)]
         assert len(logs[0]) == len(logs[1]) == 4
         # bf16 compute: the same up to its rounding (FSDP casts the weights once per step, autocast at each use). On
@@ -244,7 +254,7 @@ def test_packed_or_length_sorted_micro_steps_train_as_one_micro_batch(runs, stag
     train(runs, *common, "--out-dir", tmp_path / "plain", "--micro-batch", 32)
     train(runs, *common, "--out-dir", tmp_path / "packed", "--micro-batch", 32, "--pack", "true")
     out = train(runs, *common, "--out-dir", tmp_path / "micro", "--micro-batch", 8)
-    assert "1 ranks × 4 micro-steps × 8" in out.stdout + out.stderr
+    assert "1 rank × 4 micro-steps × 8" in out.stdout + out.stderr
     plain = trainable(tmp_path / "plain", 3)
     assert any(k.startswith("language_model.layers.") for k in plain)
     for run in ("packed", "micro"):
@@ -323,7 +333,7 @@ def test_resume_after_kill_equals_uninterrupted(runs, tmp_path):
 
 def test_a_second_run_into_the_same_out_dir_stops_unless_told(runs, tmp_path):
     """Its checkpoints would mix with the first run's: it stops before any work and says what to do; --overwrite
-    starts afresh, --resume true on a finished run only saves its model again."""
+    starts afresh, --resume true on a finished run says there is nothing left to train."""
     common = ["--stage", 1, "--out-dir", tmp_path / "s1", "--global-batch", 8, "--micro-batch", 8, "--max-steps", 2]
     train(runs, *common)
     first = trainable(tmp_path / "s1", 2)
@@ -339,7 +349,7 @@ def test_a_second_run_into_the_same_out_dir_stops_unless_told(runs, tmp_path):
     assert not torch.equal(trainable(tmp_path / "s1", 2)["multi_modal_projector.linear_1.weight"],
                            first["multi_modal_projector.linear_1.weight"])  # trained again, at the new lr
     out = train(runs, *common, "--resume", "true")
-    assert "at step 2" in out.stdout + out.stderr and "stage 1 done: 2 steps" in out.stdout + out.stderr
+    assert "resumed from" in out.stdout and "nothing left to train" in out.stdout
 
 
 def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
@@ -351,7 +361,7 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     # two loader workers, as the real recipe's default: the count comes back from them (and gc.freeze runs)
     out = train(runs, "--stage", 1, "--data", data, "--out-dir", tmp_path / "bad", "--global-batch", 8,
                 "--micro-batch", 4, "--epochs", 1, "--save-every", 100, "--num-workers", 2)
-    assert "1 samples skipped" in out.stdout + out.stderr
+    assert "1 sample skipped" in out.stdout + out.stderr
     state = json.load(open(tmp_path / "bad" / "checkpoint-2" / "state.json"))
     assert state["skipped"] == 1 and state["step"] == 2
     log = [json.loads(line) for line in open(tmp_path / "bad" / "log.jsonl")]
@@ -360,6 +370,20 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     # said up front too: all 16 samples are looked at, the one missing file named
     assert "warning: 1 of 16 image files looked for are not under" in out.stdout + out.stderr
     assert "(by folder: . 1; such as no_such_image.png); their samples will be skipped and counted" in out.stdout
+
+
+def test_stage2_before_stage1_and_unreadable_data_stop_in_one_line(runs, tmp_path):
+    """Stage 2 of the toy without stage 1 stops before stage 0's minutes of work, saying what to run; a data file
+    that is not JSON stops with one line that names it, not a traceback."""
+    empty = tmp_path / "empty"
+    out = train(empty, "--stage", 2, check=False)
+    assert out.returncode != 0 and f"run `python train.py --stage 1 --runs-dir {empty}` first" in out.stderr
+    assert not os.path.exists(empty / "toy")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1},\n')
+    out = train(runs, "--stage", 1, "--data", bad, "--out-dir", tmp_path / "bad", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"error: {bad}: invalid JSON at line 2 column 1: Expecting value"
 
 
 def test_a_wrong_image_folder_stops_before_training(runs, tmp_path):
@@ -382,11 +406,19 @@ def test_fsdp_rank_whose_micro_batch_is_all_skipped_keeps_in_step(runs, tmp_path
     out = torchrun(runs, "--stage", 2, "--projector", "", "--data", data, "--group-by-modality", "false",
                    "--out-dir", tmp_path / "bad", "--global-batch", 4, "--micro-batch", 1, "--epochs", 1,
                    "--fsdp", "true")
-    assert "2 steps, 1 samples skipped" in out.stdout + out.stderr
+    assert "2 steps, 1 sample skipped" in out.stdout + out.stderr
 
 
-def test_real_recipe_defaults_and_overrides(tmp_path):
+def real_recipe_paths(directory, *names):
+    """Empty stand-ins for the model directories and data files that train.py checks for before any work."""
+    for name in names:
+        (directory / name).write_text("[]") if name.endswith(".json") else (directory / name).mkdir()
+
+
+def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
     from train import resolve_config
+    monkeypatch.chdir(tmp_path)
+    real_recipe_paths(tmp_path, "V", "C", "mix.json", "558k.json", "V2", "C2", "P2", "I2", "d2.json")
     cfg = resolve_config(["--stage", "2", "--llm", "V", "--vision-tower", "C", "--data", "mix.json", "--lr", "1e-5"])
     assert (cfg.lr, cfg.global_batch, cfg.micro_batch, cfg.template, cfg.image_aspect_ratio) == \
            (1e-5, 128, 16, "vicuna_v1", "pad")
@@ -399,7 +431,8 @@ def test_real_recipe_defaults_and_overrides(tmp_path):
 
     # every option given on the command line wins over the stage's and the toy's defaults
     other = dict(stage=2, template="llava_llama_2", image_aspect_ratio="square", projector_type="linear",
-                 device="cpu", dtype="bf16")
+                 device="cpu", dtype="bf16", llm="V2", vision_tower="C2", projector="P2", data="d2.json",
+                 image_folder="I2")
     for toy in (True, False):
         argv = ["--stage", "2"] + ([] if toy else ["--llm", "V", "--vision-tower", "C", "--data", "mix.json"])
         defaults = resolve_config(argv)
@@ -410,13 +443,20 @@ def test_real_recipe_defaults_and_overrides(tmp_path):
                                           else value + 3 if isinstance(value, (int, float)) else value + "_given")
         argv = [arg for name, value in given.items() for arg in ("--" + name.replace("_", "-"), str(value))]
         assert dataclasses.asdict(resolve_config(argv)) == given
+    # a true/false option alone means true, as a flag
+    cfg = resolve_config(["--stage", "2", "--pack", "--compile", "--resume", "false"])
+    assert (cfg.pack, cfg.compile, cfg.resume) == (True, True, False)
 
 
 @pytest.mark.parametrize("bad", [["--stage", "3"], ["--dtype", "float16"], ["--dtype", "fp16"], ["--device", "gpu"],
-                                 ["--image-aspect-ratio", "crop"], ["--projector-type", "mlp"], ["--template", "vicuna"]])
-def test_bad_option_values_stop_with_a_usage_error(bad, capsys):
-    """A wrong value stops before any work, naming the option and the choices (not a KeyError mid-run)."""
+                                 ["--image-aspect-ratio", "crop"], ["--projector-type", "mlp"], ["--template", "vicuna"],
+                                 ["--resume", "ture"], ["--llm", "nowhere"], ["--data", "nowhere.json"]])
+def test_bad_option_values_stop_with_a_usage_error(bad, capsys, tmp_path, monkeypatch):
+    """A wrong value stops before any work, naming the option and the choices (not a KeyError mid-run); a
+    misspelt true/false is not read as false, and a path that does not exist is named before minutes of loading."""
     from train import resolve_config
+    monkeypatch.chdir(tmp_path)
+    real_recipe_paths(tmp_path, "V", "C", "mix.json")
     with pytest.raises(SystemExit) as stop:
         resolve_config(["--stage", "2", "--llm", "V", "--vision-tower", "C", "--data", "mix.json", *bad])
     assert stop.value.code == 2
@@ -433,7 +473,8 @@ def test_help_says_what_each_option_does_and_its_stage_defaults(capsys, monkeypa
         resolve_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(TrainConfig):
-        assert f"--{f.name.replace('_', '-')} {f.type.__name__.upper()} {f.metadata['help']}" in text
+        metavar = "[BOOL]" if f.type is bool else f.type.__name__.upper()  # a true/false option alone means true
+        assert f"--{f.name.replace('_', '-')} {metavar} {f.metadata['help']}" in text
     assert "--lr FLOAT peak learning rate (default 0.001 in stage 1, 2e-05 in stage 2; the toy: 0.002)" in text
     assert "(default 'plain' in stage 1, 'vicuna_v1' in stage 2)" in text
 
