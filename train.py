@@ -160,7 +160,8 @@ def parse_bool(text: str) -> bool:
 
 
 def resolve_config(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--stage {0,1,2}] [--OPTION VALUE ...] (--help lists them all)")
     for f in dataclasses.fields(TrainConfig):
         flag = dict(type=parse_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)  # --x: true
         parser.add_argument("--" + f.name.replace("_", "-"), **flag, default=None, metavar=f.type.__name__.upper(),
@@ -410,8 +411,8 @@ def run_stage0(cfg: TrainConfig, rank: int):
             loss.backward()
             optimizer.step()
             step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn once, by update
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
             if step == cfg.clip_steps:
                 break
     bar.close()
@@ -780,8 +781,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
             if rank == 0:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                bar.set_postfix(postfix, refresh=False)  # drawn once, by update
                 bar.update()
-                bar.set_postfix(postfix)
             if step % cfg.save_every == 0 and step < end_step:
                 save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     bar.close()
