@@ -109,7 +109,8 @@ class TrainConfig:
     resume: bool = option(False, "continue from the latest checkpoint in out_dir")
     overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run's checkpoints, "
                                     "removing them")
-    max_steps: int = option(0, "stop after this many optimizer steps (smoke tests); 0: the full schedule")
+    max_steps: int = option(0, "stop after this many optimizer steps (smoke tests: LATEST stays as it is); 0: the "
+                               "full schedule")
     # stage 0 (toy only)
     lm_steps: int = option(250, "stage 0: steps of the toy LM's pretraining on the world's text")
     clip_steps: int = option(2000, "stage 0: steps of the toy CLIP tower's contrastive training")
@@ -701,8 +702,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
         ddp_model = model  # FSDP's hooks are on the sharded model itself
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    log(rank, f"stage {cfg.stage}: {len(dataset)} samples, {total_steps} steps of {cfg.global_batch} "
-              f"({world} rank{'s' * (world > 1)} × {accum} micro-step{'s' * (accum > 1)} × {cfg.micro_batch}), trainable "
+    log(rank, f"stage {cfg.stage}: {len(dataset)} samples, {total_steps} steps of {cfg.global_batch} ({world} "
+              f"rank{'s' * (world > 1)} × {accum} micro-step{'s' * (accum > 1)} × {cfg.micro_batch}), trainable "
               f"{sum(p.numel() for p in trainable.values()) / 1e6:.2f}M of "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     os.makedirs(cfg.out_dir, exist_ok=True)
