@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_bench(*args):
     out = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--batch", "2", "--train-positions", "40",
-                          "--stage1-batch", "2", "--stage2-batch", "2", "--repeats", "1", *map(str, args)],
+                          "--stage1-batch", "2", "--stage2-batch", "2", "--repeats", "3", *map(str, args)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -31,7 +31,7 @@ def assert_same_greedy_tokens(ours, exactly):
 
 
 def test_bench_runs_tiny_and_matches_transformers(device, tmp_path):
-    out = run_bench("--device", device, "--new-tokens", 8, "--compile", "true", "--out", tmp_path / "bench.json")
+    out = run_bench("--device", device, "--new-tokens", 16, "--compile", "true", "--out", tmp_path / "bench.json")
     result = json.loads(out.stdout)
     assert json.loads((tmp_path / "bench.json").read_text()) == result  # --out's last rewrite is the whole result
     assert "bench.py: transformers, stage 2, checkpointing off measured" in out.stderr  # progress, measure by measure
