@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 from collections import Counter
@@ -526,6 +527,37 @@ def start_afresh(cfg, rank: int):
         dist.barrier()
 
 
+def claim_out_dir(cfg, rank: int) -> str | None:
+    """One run at a time in an out_dir: a second one would remove, or mix with, the first one's checkpoints and log.
+    A marker file names the running process; one whose process is gone (a killed run) is taken over. Rank 0 holds it
+    and release_out_dir removes it at the end. Returns its path on rank 0."""
+    if rank != 0:
+        return None
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    marker, host = os.path.join(cfg.out_dir, ".running"), socket.gethostname()
+    try:
+        with open(marker) as f:
+            other_host, other_pid = f.read().split()
+    except (FileNotFoundError, ValueError):
+        other_host = None
+    if other_host is not None and (other_host != host or process_exists(int(other_pid))):
+        raise SystemExit(f"{cfg.out_dir}: another run (pid {other_pid} on {other_host}) is training into it; wait for "
+                         f"it to end or choose another --out-dir (if that run is gone, remove {marker})")
+    with open(marker, "w") as f:
+        f.write(f"{host} {os.getpid()}\n")
+    return marker
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def open_log(path: str, start_step: int):
     """The run's JSONL log: a fresh run starts it anew; a resumed one keeps the steps up to its checkpoint (an
     interrupted run may have logged a few more, which are trained again)."""
@@ -832,24 +864,28 @@ def main(argv=None):
         raise SystemExit(f"--fsdp on the CPU (gloo) needs torch >= 2.9; this is torch {torch.__version__}")
     if cfg.fsdp and not dist.is_initialized():  # before anything is loaded or trained
         raise SystemExit("--fsdp shards over the ranks of a torchrun launch")
-    if cfg.stage in (1, 2) and not cfg.resume:
-        start_afresh(cfg, rank)
-    torch.manual_seed(cfg.seed)
     toy = cfg.llm == toy_paths(cfg)["llm"]
     if cfg.stage == 2 and toy and cfg.projector and not os.path.isdir(cfg.projector):
         runs_dir = "" if cfg.runs_dir == TrainConfig.runs_dir else f" --runs-dir {cfg.runs_dir}"
         raise SystemExit(f"stage 2 starts from stage 1's projector; run `python train.py --stage 1{runs_dir}` first "
                          f"(no {cfg.projector})")
-    if cfg.stage == 0 or (toy and not os.path.exists(os.path.join(cfg.vision_tower, "config.json"))):
-        run_stage0(cfg, rank)
-        if dist.is_initialized():
-            dist.barrier()
-    if cfg.stage in (1, 2):
-        log(rank, "config: " + json.dumps(dataclasses.asdict(cfg)))
-        try:
+    marker = claim_out_dir(cfg, rank) if cfg.stage in (1, 2) else None
+    try:
+        if cfg.stage in (1, 2) and not cfg.resume:
+            start_afresh(cfg, rank)
+        torch.manual_seed(cfg.seed)
+        if cfg.stage == 0 or (toy and not os.path.exists(os.path.join(cfg.vision_tower, "config.json"))):
+            run_stage0(cfg, rank)
+            if dist.is_initialized():
+                dist.barrier()
+        if cfg.stage in (1, 2):
+            log(rank, "config: " + json.dumps(dataclasses.asdict(cfg)))
             train(cfg, rank, world, device, dtype)
-        except (DataError, CheckpointError, FileNotFoundError) as e:  # their messages name the file and the fix
-            raise SystemExit(f"error: {e}") from None
+    except (DataError, CheckpointError, FileNotFoundError) as e:  # their messages name the file and the fix
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        if marker:  # a killed run cannot remove it, but its process is gone: the next run takes over
+            os.remove(marker)
     if dist.is_initialized():
         # all ranks leave together: a rank that exits while a gloo worker thread still holds the tensors of its last
         # collective (FSDP's all-gathers) aborts when that thread frees them under the finalizing interpreter

@@ -352,6 +352,25 @@ def test_a_second_run_into_the_same_out_dir_stops_unless_told(runs, tmp_path):
     assert "resumed from" in out.stdout and "nothing left to train" in out.stdout
 
 
+def test_a_run_into_an_out_dir_that_another_run_trains_into_stops(runs, tmp_path):
+    """A second run would remove or mix with the first one's checkpoints and log (--overwrite, --resume): it stops
+    and names the first one. A killed run's marker, its process gone, does not stop the next run."""
+    out = tmp_path / "s1"
+    common = ["--stage", 1, "--out-dir", out, "--global-batch", 8, "--micro-batch", 8, "--save-every", 1000]
+    first = train(runs, *common, "--epochs", 100, background=True)  # 1600 steps: it runs while we look
+    deadline = time.time() + 120
+    while not os.path.exists(out / "log.jsonl") and time.time() < deadline:
+        time.sleep(0.05)
+    for extra in ([], ["--overwrite", "true"], ["--resume", "true"]):
+        second = train(runs, *common, "--max-steps", 1, *extra, check=False)
+        assert second.returncode != 0 and f"another run (pid {first.pid} on " in second.stderr, second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (out / ".running").read_text().split()[1] == str(first.pid)  # left behind by the kill
+    train(runs, *common, "--max-steps", 1, "--overwrite", "true")
+    assert not os.path.exists(out / ".running")  # taken over, and removed at the end
+
+
 def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     world = runs / "toy" / "world"
     samples = json.load(open(world / "stage1.json"))[:16]
