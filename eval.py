@@ -1136,7 +1136,12 @@ def main(argv=None):
         generate.error("need 0 <= --chunk-idx < --num-chunks")
     try:
         if args.command == "score":
-            report = score_files(args.bench, args.answers, args.annotations, args.questions, args.split)
+            try:
+                report = score_files(args.bench, args.answers, args.annotations, args.questions, args.split)
+            except (KeyError, TypeError, AttributeError, IndexError) as error:  # valid JSON, another layout
+                raise ValueError(f"the {args.bench} files are not laid out as its scorer reads them "
+                                 f"({type(error).__name__}: {error}); `eval.py score --help` lists what each "
+                                 "benchmark takes") from None
             print(format_report(f"{args.bench}  ({args.answers})", report))
         elif args.command == "generate":
             generate_answers(args)

@@ -383,6 +383,16 @@ def test_cli_names_the_malformed_json_file(tmp_path):
                              "(Expecting property name enclosed in double quotes)\n")
 
 
+def test_cli_annotations_of_another_layout_is_one_line(tmp_path, capsys):
+    wrong = tmp_path / "v2_mscoco_val2014_annotations.json"
+    wrong.write_text('{"questions": []}')  # valid JSON, but VQAv2's questions file, not its annotations
+    with pytest.raises(SystemExit) as exit_:
+        eval.main(["score", "vqav2", "--answers", str(fixture("vqav2", "answers.jsonl")), "--annotations", str(wrong)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: the vqav2 files are not laid out as its scorer reads them (KeyError: "
+                                       "'annotations'); `eval.py score --help` lists what each benchmark takes\n")
+
+
 def unreadable_inputs(tmp_path):
     """{case: (the arguments after `score`, the error line eval.py must print)}."""
     gqa = ["--answers", fixture("gqa", "answers.jsonl"),
