@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from clip import CLIPVisionConfig
 from data import LazySupervisedDataset, collate, load_tokenizer, make_toy_world
 from model import Llava, LlavaConfig, load_clip, load_llama, load_llava
-from clip import CLIPVisionConfig
 from train import (PLACE, SHAPES, ContrastiveCLIP, contrastive_loss, flops_per_token, llm_positions, main as train_main,
                    peak_flops, swap_positions, swap_shapes, token_wise_similarity)
 
@@ -431,7 +431,10 @@ def test_fsdp_rank_whose_micro_batch_is_all_skipped_keeps_in_step(runs, tmp_path
 def real_recipe_paths(directory, *names):
     """Empty stand-ins for the model directories and data files that train.py checks for before any work."""
     for name in names:
-        (directory / name).write_text("[]") if name.endswith(".json") else (directory / name).mkdir()
+        if name.endswith(".json"):
+            (directory / name).write_text("[]")
+        else:
+            (directory / name).mkdir()
 
 
 def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
