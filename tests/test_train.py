@@ -357,7 +357,7 @@ def test_a_run_into_an_out_dir_that_another_run_trains_into_stops(runs, tmp_path
     and names the first one. A killed run's marker, its process gone, does not stop the next run."""
     out = tmp_path / "s1"
     common = ["--stage", 1, "--out-dir", out, "--global-batch", 8, "--micro-batch", 8, "--save-every", 1000]
-    first = train(runs, *common, "--epochs", 100, background=True)  # 1600 steps: it runs while we look
+    first = train(runs, *common, "--epochs", 1000, background=True)  # 16000 steps: it runs while we look
     deadline = time.time() + 120
     while not os.path.exists(out / "log.jsonl") and time.time() < deadline:
         time.sleep(0.05)
