@@ -530,7 +530,7 @@ def start_afresh(cfg, rank: int):
 def claim_out_dir(cfg, rank: int) -> str | None:
     """One run at a time in an out_dir: a second one would remove, or mix with, the first one's checkpoints and log.
     A marker file names the running process; one whose process is gone (a killed run) is taken over. Rank 0 holds it
-    and release_out_dir removes it at the end. Returns its path on rank 0."""
+    and main removes it when the run ends. Returns its path on rank 0."""
     if rank != 0:
         return None
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -553,8 +553,8 @@ def process_exists(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
-        return True
+    except PermissionError:  # it exists, and is another user's
+        pass
     return True
 
 
