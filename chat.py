@@ -39,6 +39,7 @@ except ImportError:
 from clip import preprocess_image
 from data import CONV_TEMPLATES, IMAGE_MARKER, DataError, conv_mode_for, load_tokenizer, open_image, render, \
     tokenize_prompt
+from llama import check_sampling
 from model import DTYPES, IMAGE_TOKEN_INDEX, CheckpointError, load_llava, read_config
 
 LATEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "LATEST")  # written by train.py
@@ -242,6 +243,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    try:
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as e:
+        p.error(str(e))
     try:
         args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                                    else args.device)

@@ -67,6 +67,7 @@ from tqdm import tqdm
 from clip import preprocess_image
 from data import (CONV_TEMPLATES, IMAGE_MARKER, DataError, ensure_toy_eval, ensure_toy_world, load_tokenizer,
                   open_image, render, tokenize_prompt)
+from llama import check_sampling
 from model import DTYPES, CheckpointError, load_llava
 
 REPO = Path(__file__).resolve().parent
@@ -1001,6 +1002,12 @@ def generate_answers(args):
               + (" (run again to retry the failed ones)" if failed else ""))
 
 
+def positive_int(text):
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"need a positive whole number, not {text!r}")
+    return int(text)
+
+
 def add_generation_options(parser, defaults=True):
     """The options the toy evaluation and `generate` share. Under `generate` (defaults=False) an option not given
     keeps what was given before the subcommand; with defaults there, argparse would reset it."""
@@ -1017,10 +1024,10 @@ def add_generation_options(parser, defaults=True):
     parser.add_argument("--conv-mode", default=default(None), choices=list(CONV_TEMPLATES), metavar="TEMPLATE",
                         help=f"conversation template: {', '.join(CONV_TEMPLATES)} (default: the one in the "
                              "model's train_config.json, else vicuna_v1, as every LLaVA-1.5 eval script)")
-    parser.add_argument("--batch-size", type=int, default=default(None),
+    parser.add_argument("--batch-size", type=positive_int, default=default(None),
                         help="questions per generate call (default: 8 on a GPU, 4 on the CPU; the official runner "
                              "takes 1, and in fp16 a batch can change an answer that hangs on a near tie)")
-    parser.add_argument("--max-new-tokens", type=int, default=default(None),
+    parser.add_argument("--max-new-tokens", type=positive_int, default=default(None),
                         help="default: as the official runner, 128 for a question jsonl (model_vqa_loader), 1024 for "
                              "ScienceQA's json and MMBench's tsv; give 1024 for LLaVA-Bench's and MM-Vet's jsonl, "
                              "whose runner (model_vqa) generates up to that")
@@ -1079,12 +1086,6 @@ example:
 """
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"need a positive whole number, not {text!r}")
-    return int(text)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate LLaVA-1.5. Without a command: the newest trained model (<runs-dir>/LATEST) answers the "
@@ -1134,6 +1135,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "generate" and not 0 <= args.chunk_idx < args.num_chunks:
         generate.error("need 0 <= --chunk-idx < --num-chunks")
+    if args.command != "score":
+        try:
+            check_sampling(args.temperature, args.top_p)
+        except ValueError as e:
+            (generate if args.command == "generate" else parser).error(str(e))
     try:
         if args.command == "score":
             try:

@@ -273,8 +273,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before this token already reaches top_p
+        outside[:, 0] = False  # the most likely token always stays (HF's min_tokens_to_keep), even at top_p 0
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     # argmax(p / Exp(1)) draws from p (the exponential race) with no host sync, unlike torch.multinomial
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def check_sampling(temperature: float, top_p: float):
+    """A ValueError naming the option, for settings `sample` would quietly read as something else (the CLIs' check)."""
+    if not temperature >= 0:
+        raise ValueError(f"--temperature {temperature}: must be 0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p {top_p}: must be above 0 and at most 1 (1: off)")

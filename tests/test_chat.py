@@ -291,6 +291,19 @@ def test_bad_input_is_one_line_and_exit_code_2(ours, images, tmp_path):
         assert_one_line_error(finish(process), *names)
 
 
+@pytest.mark.parametrize("option, says", [(["--top-p", "0"], "--top-p 0.0: must be above 0 and at most 1"),
+                                          (["--top-p", "1.5"], "--top-p 1.5: must be above 0 and at most 1"),
+                                          (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
+                                          (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1")])
+def test_sampling_settings_out_of_range_are_usage_errors(option, says, capsys):
+    """Not read as something else: a negative temperature would be greedy, top-p 0 would keep no token."""
+    from chat import parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["photo.jpg", *option])
+    assert stop.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 def test_default_model_is_the_latest_trained_one(ours, tokenizer, images, tmp_path):
     path, model = ours
     for folder in ("untrained", "trained"):  # copies of chat.py, each with its own runs/

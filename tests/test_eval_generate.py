@@ -456,3 +456,20 @@ def test_bare_eval_without_a_trained_model_says_how_to_train_one(tmp_path, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"no trained model: {tmp_path / 'LATEST'} does not exist" in err and "python train.py --stage 1" in err
+
+
+@pytest.mark.parametrize("option, says", [(["--batch-size", "-1"], "need a positive whole number, not '-1'"),
+                                          (["--batch-size", "0"], "need a positive whole number, not '0'"),
+                                          (["--max-new-tokens", "0"], "need a positive whole number, not '0'"),
+                                          (["--top-p", "0"], "--top-p 0.0: must be above 0 and at most 1"),
+                                          (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more")])
+def test_generation_settings_out_of_range_are_usage_errors(option, says, capsys, tmp_path):
+    """Each once did something else without a word: batch -1 answered nothing and said all was answered, 0 meant the
+    default, top-p 0 answered every question with the empty string."""
+    for argv in (option, ["generate", "--question-file", "q.jsonl", "--answers-file", str(tmp_path / "a.jsonl"),
+                          *option]):
+        with pytest.raises(SystemExit) as stop:
+            eval.main(argv)
+        assert stop.value.code == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()

@@ -302,6 +302,16 @@ def test_generation_stops_at_eos_and_samples_reproducibly(llava_hf_dir):
     assert a == b and a != c
 
 
+def test_nucleus_sampling_keeps_the_most_likely_token_even_at_top_p_0():
+    """As HF (min_tokens_to_keep=1): the nucleus is never empty, which would draw token 0 every time."""
+    from llama import sample
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    for top_p in (0.0, 1e-6):
+        assert torch.equal(sample(logits, 0.7, top_p), logits.argmax(-1))
+    drawn = sample(logits[:1].expand(1000, 10), 1.0, 0.999, generator=torch.Generator().manual_seed(0))
+    assert len(drawn.unique()) > 1  # a wide nucleus still samples
+
+
 def test_a_kept_cache_of_the_same_shape_is_reused_and_its_stale_slots_change_nothing(llava_hf_dir):
     """generate reuses a kept KV cache of the shape it needs (bench.py's compiled runs rely on it: the CUDA graph
     recorded on its buffers replays); what a longer earlier generation left in its slots changes no token."""
