@@ -318,7 +318,10 @@ def read_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no config.json (expected a model directory in the official layout)")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, device, ignore=lambda key: False):
@@ -376,11 +379,11 @@ def _llava_hf_key(source, name):
     return _first_present(source, candidates)
 
 
-def _original_key(name, projector_type):
+def _original_key(name, projector_type, clip_source=None):
     """Our name -> (0 = the LLaVA directory, 1 = the CLIP directory), key in the original LLaVA layout."""
     group, rest = name.split(".", 1)
-    if group == "vision_tower":
-        return 1, "vision_model." + rest  # plain HF CLIP
+    if group == "vision_tower":  # plain HF CLIP: openai's files say `vision_model.*`; transformers 5 saves without it
+        return 1, _first_present(clip_source, ["vision_model." + rest, rest])
     if group == "multi_modal_projector":  # linear_i is entry 2(i-1) of the official nn.Sequential (GELUs between)
         layer, param = rest.split(".")
         i = int(layer.split("_")[1])
@@ -407,6 +410,9 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
     layout, whose CLIP tower lives in its own directory: `vision_tower`, or else the config's `mm_vision_tower`."""
     dtype, device = _target(dtype, device)
     hf = read_config(path)
+    if hf.get("model_type", "").startswith("clip"):  # whose config also has text_config and vision_config
+        raise CheckpointError(f"{path}: a CLIP model, not a LLaVA one (an original-layout LLaVA takes it as "
+                              "--vision-tower)")
     if "text_config" in hf and "vision_config" in hf:  # llava-hf
         config = LlavaConfig.from_hf(hf)
         with torch.device("meta"):
@@ -417,6 +423,8 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
     if "mm_vision_tower" not in hf and "mm_projector_type" not in hf:
         raise CheckpointError(f"{path}: config.json is neither a LLaVA (llava-hf) nor an original LLaVA config; "
                               "for a plain LLaMA/Vicuna and CLIP use load_base()")
+    if vision_tower and not os.path.isdir(vision_tower):
+        raise CheckpointError(f"--vision-tower {vision_tower}: no such directory")
     clip_dir = vision_tower or hf.get("mm_vision_tower")
     if not clip_dir or not os.path.isdir(clip_dir):
         raise CheckpointError(f"{path}: its CLIP tower {hf.get('mm_vision_tower')!r} is not a local directory; pass "
@@ -430,8 +438,9 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
                          image_aspect_ratio=hf.get("image_aspect_ratio", "square"))
     with torch.device("meta"):
         model = Llava(config)
-    load_weights(model, [CheckpointFiles(path), CheckpointFiles(clip_dir)],
-                 lambda name: _original_key(name, config.projector_type), dtype, device,
+    clip_source = CheckpointFiles(clip_dir)
+    load_weights(model, [CheckpointFiles(path), clip_source],
+                 lambda name: _original_key(name, config.projector_type, clip_source), dtype, device,
                  lambda key: _ignored(key) or _clip_text_tower(key))
     return model.eval()
 

@@ -2,11 +2,12 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import tiny_hf
 from data import collate
@@ -386,6 +387,23 @@ def test_original_layout_gives_the_same_logits(llava_hf_dir, tmp_path):
     ids, images = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7]]), pixels(1)
     with torch.no_grad():
         assert (original(ids, images) - reference(ids, images)).abs().max() < TOL
+    # the tower as transformers 5's CLIPVisionModel.save_pretrained writes it: no `vision_model.` in the names
+    bare = tmp_path / "clip_vision_model"
+    bare.mkdir()
+    save_file({k.removeprefix("vision_model."): v for k, v in load_file(str(Path(clip_dir) / "model.safetensors")).items()},
+              str(bare / "model.safetensors"))
+    (bare / "config.json").write_text(json.dumps({**tiny_hf.CLIP, "model_type": "clip_vision_model"}))
+    with torch.no_grad():
+        assert torch.equal(load_llava(llava_dir, vision_tower=str(bare))(ids, images), original(ids, images))
+    # what a user gets wrong is named
+    with pytest.raises(CheckpointError, match="--vision-tower .*nowhere: no such directory"):
+        load_llava(llava_dir, vision_tower=str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="a CLIP model, not a LLaVA one"):
+        load_llava(clip_dir)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "llava",\n')
+    with pytest.raises(CheckpointError, match="bad.config.json: not valid JSON"):
+        load_llava(str(tmp_path / "bad"))
 
 
 def test_stage1_start_from_plain_llama_and_clip(tmp_path):
