@@ -161,6 +161,27 @@ def parse_bool(text: str) -> bool:
     return value
 
 
+def check_numbers(cfg: TrainConfig, parser):
+    """Out-of-range numbers are usage errors here, not a traceback (or a silent no-op) minutes later."""
+    ranges = dict(lm_steps=(1, None), clip_steps=(1, None))  # stage 0's; stages 1 and 2 take the rest
+    if cfg.stage in (1, 2):
+        ranges.update(global_batch=(1, None), micro_batch=(1, None), max_len=(1, None), save_every=(1, None),
+                      num_workers=(0, None), max_steps=(0, None), lr=(0, None), weight_decay=(0, None),
+                      warmup_ratio=(0, 1))
+    for name, (low, high) in ranges.items():
+        value = getattr(cfg, name)
+        if value < low or (high is not None and value > high):
+            parser.error(f"--{name.replace('_', '-')} {value}: must be " +
+                         (f"between {low} and {high}" if high is not None else f"at least {low}"))
+    for name in ("epochs", "grad_clip") if cfg.stage in (1, 2) else ():
+        if not getattr(cfg, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be above 0")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the same check train() makes, before any loading
+    if cfg.stage in (1, 2) and cfg.global_batch % (world * cfg.micro_batch):
+        parser.error(f"--global-batch {cfg.global_batch} must split into {world} rank{'s' * (world > 1)} × "
+                     f"micro-batches of {cfg.micro_batch} (--micro-batch)")
+
+
 def resolve_config(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [--stage {0,1,2}] [--OPTION VALUE ...] (--help lists them all)")
@@ -173,6 +194,9 @@ def resolve_config(argv=None) -> TrainConfig:
     if cfg.stage not in (0, 1, 2):
         parser.error(f"--stage {cfg.stage}: choose 0 (the toy's base models), 1 or 2")
     toy = not given.get("llm")
+    if toy and given.get("vision_tower"):  # the toy LLM with a real tower: surely a forgotten --llm
+        parser.error("--vision-tower without --llm: the real recipe needs --llm, --vision-tower and --data (with "
+                     "none of them, train.py trains the toy world)")
     values = dict(STAGE_DEFAULTS.get(cfg.stage, {}))
     if toy:
         values.update(TOY_DEFAULTS.get(cfg.stage, {}))
@@ -193,6 +217,8 @@ def resolve_config(argv=None) -> TrainConfig:
         for name in ("llm", "vision_tower", "projector", "data", "image_folder"):
             if given.get(name) and not os.path.exists(given[name]):  # before minutes of loading, not after
                 parser.error(f"--{name.replace('_', '-')} {given[name]}: no such file or directory")
+        if os.path.isdir(cfg.data):
+            parser.error(f"--data {cfg.data}: a directory; give the LLaVA JSON or JSONL file")
         if cfg.template not in CONV_TEMPLATES:
             parser.error(f"--template {cfg.template!r}: choose from {', '.join(CONV_TEMPLATES)}")
         if cfg.image_aspect_ratio not in ASPECT_RATIOS:
@@ -201,6 +227,7 @@ def resolve_config(argv=None) -> TrainConfig:
             projector_depth(cfg.projector_type)
         except ValueError as e:
             parser.error(f"--projector-type: {e}")
+    check_numbers(cfg, parser)
     if cfg.dtype not in ("auto", *TRAIN_DTYPES):
         why = " (fp16 training needs loss scaling, which this loop leaves out)" if cfg.dtype == "fp16" else ""
         parser.error(f"--dtype {cfg.dtype!r}: choose from auto, {', '.join(TRAIN_DTYPES)}{why}")
@@ -454,7 +481,7 @@ def checkpoint_dirs(out_dir: str) -> list:
     complete, so an interrupted write never looks like a checkpoint."""
     if not os.path.isdir(out_dir):
         return []
-    steps = sorted(int(n.split("-")[1]) for n in os.listdir(out_dir) if n.startswith("checkpoint-"))
+    steps = sorted(int(m[1]) for m in map(re.compile(r"checkpoint-(\d+)").fullmatch, os.listdir(out_dir)) if m)
     return [os.path.join(out_dir, f"checkpoint-{s}") for s in steps]
 
 
@@ -575,11 +602,33 @@ def open_log(path: str, start_step: int):
     return log_file
 
 
+# what decides the data order and the arithmetic: a resumed run that changed one would be neither run
+SAME_ON_RESUME = ("stage", "projector_type", "template", "image_aspect_ratio", "max_len", "group_by_modality", "lr",
+                  "global_batch", "epochs", "warmup_ratio", "weight_decay", "grad_clip", "seed")
+PATHS = ("llm", "vision_tower", "projector", "data", "image_folder")
+
+
+def check_same_run(cfg: TrainConfig, path: str, rank: int):
+    """Before any loading: --resume continues the checkpoint's run, so its settings must be this run's. Paths are
+    only warned about, since the same files can be named from another working directory."""
+    with open(os.path.join(path, "state.json")) as f:
+        saved = json.load(f)["config"]
+    changed = [f"--{name.replace('_', '-')} {saved[name]!r} there, {getattr(cfg, name)!r} now"
+               for name in SAME_ON_RESUME if name in saved and saved[name] != getattr(cfg, name)]
+    if changed:
+        raise CheckpointError(f"--resume: {path} is from a run with other settings ({'; '.join(changed)}); give its "
+                              "settings, or --overwrite true to start afresh")
+    for name in PATHS:
+        if saved.get(name) != getattr(cfg, name):
+            log(rank, f"warning: --{name.replace('_', '-')} was {saved.get(name)!r} in the run that wrote {path}, "
+                      f"now {getattr(cfg, name)!r}")
+
+
 def load_checkpoint(path, model, trainable: dict, optimizer, fsdp: bool):
     from safetensors.torch import load_file
     weights = load_file(os.path.join(path, "trainable.safetensors"))
     if weights.keys() != trainable.keys():
-        raise RuntimeError(f"{path} holds different trainable tensors than this run trains (another stage?)")
+        raise CheckpointError(f"{path} holds different trainable tensors than this run trains (another stage?)")
     # to the CPU first: saved from rank 0's GPU, it would otherwise land on cuda:0 on every rank (load_state_dict and
     # set_optimizer_state_dict move it to each parameter's device)
     optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
@@ -654,7 +703,8 @@ def check_images(dataset, cfg: TrainConfig, rank: int):
     checked, missing = dataset.missing_images()
     if checked and len(missing) == checked:
         raise SystemExit(f"none of the {checked} image files looked for is under {cfg.image_folder} (such as "
-                         f"{missing[0]}): is --image-folder right?")
+                         f"{missing[0]}): is --image-folder right?" if cfg.image_folder else
+                         f"{cfg.data} names images ({missing[0]}, ...): give --image-folder, where their paths start")
     if missing:
         folders = Counter(Path(f).parts[0] if len(Path(f).parts) > 1 else "." for f in missing)
         log(rank, f"warning: {len(missing)} of {checked} image files looked for are not under {cfg.image_folder} "
@@ -692,6 +742,8 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
+    if cfg.resume and checkpoint_dirs(cfg.out_dir):
+        check_same_run(cfg, checkpoint_dirs(cfg.out_dir)[-1], rank)
     tokenizer = load_tokenizer(cfg.llm)
     model = build_model(cfg, device, dtype)
     if cfg.compile:
@@ -742,86 +794,94 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     log_file = open_log(os.path.join(cfg.out_dir, "log.jsonl"), start_step) if rank == 0 else None
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=end_step, initial=start_step, desc=f"stage {cfg.stage}", disable=rank != 0)
-    step, flops_token = start_step, flops_per_token(model)
+    step, flops_token, trained_tokens = start_step, flops_per_token(model), 0
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    while step < end_step:
-        epoch, offset = divmod(step, steps_per_epoch)
-        # this rank's micro-batches for the rest of the epoch: its share of each global batch
-        micro_batches = [micro_batch for batch in global_batches(dataset, cfg, epoch, world)[offset:]
-                         for micro_batch in rank_micro_batches(batch, rank, world, cfg.micro_batch)]
-        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches,
-                                                  collate_fn=partial(collate, pad_id=tokenizer.token_to_id("<unk>"),
-                                                                     pack=cfg.pack,
-                                                                     image_tokens=model.config.num_image_tokens),
-                                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
-        for _ in range(offset, steps_per_epoch):
-            if step >= end_step:
-                break
-            t0 = time.time()
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio)
-            batches = [next(loader) for _ in range(accum)]
-            # average over every supervised token of the global batch, not a mean of per-micro-batch means
-            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            stats = all_reduce_sum(torch.tensor([n_local, 0.0, 0.0, 0.0], dtype=torch.float64, device=device))
-            n_global = max(stats[0].item(), 1.0)
-            loss_sum = torch.zeros((), device=device)
-            for i, b in enumerate(batches):
-                skipped += b["n_skipped"]
-                last = i == accum - 1
-                # gradients are reduced across ranks only on the last micro-step: DDP's no_sync, and FSDP's
-                # equivalent, which keeps unsharded gradients until then
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext() if last or world == 1 or cfg.fsdp else ddp_model.no_sync()
-                if len(b["ids"]) == 0:  # every sample was skipped: one padding token without labels gives a zero
-                    # loss through the same forward, and so the same collectives, as the other ranks' micro-batches
-                    b = dict(b, input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=torch.zeros(1, 1,
-                             dtype=torch.bool), labels=torch.full((1, 1), IGNORE_INDEX), images=None, segment_ids=None)
-                with sync, autocast:
-                    images = b["images"].to(device, non_blocking=True) if b["images"] is not None else None
-                    segment_ids = b["segment_ids"].to(device) if b["segment_ids"] is not None else None
-                    loss = ddp_model(b["input_ids"].to(device), images, b["attention_mask"].to(device),
-                                     b["labels"].to(device), reduction="sum", segment_ids=segment_ids)
-                    if images is None:  # text-only batch: touch the unused projector so DDP's sync sees it
-                        loss = loss + 0.0 * sum(p.sum() for p in model.multi_modal_projector.parameters())
-                    # DDP and FSDP average gradients over ranks; × world turns that into the global batch's sum
-                    (loss * world / n_global).backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
-            if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients, reduced over the ranks
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    try:  # the bar is closed before an error's message is printed, which it would otherwise be drawn over
+        while step < end_step:
+            epoch, offset = divmod(step, steps_per_epoch)
+            # this rank's micro-batches for the rest of the epoch: its share of each global batch
+            micro_batches = [micro_batch for batch in global_batches(dataset, cfg, epoch, world)[offset:]
+                             for micro_batch in rank_micro_batches(batch, rank, world, cfg.micro_batch)]
+            loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches,
+                                                      collate_fn=partial(collate, pad_id=tokenizer.token_to_id("<unk>"),
+                                                                         pack=cfg.pack,
+                                                                         image_tokens=model.config.num_image_tokens),
+                                                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
+            for _ in range(offset, steps_per_epoch):
+                if step >= end_step:
+                    break
+                t0 = time.time()
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio)
+                batches = [next(loader) for _ in range(accum)]
+                # average over every supervised token of the global batch, not a mean of per-micro-batch means
+                n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+                stats = all_reduce_sum(torch.tensor([n_local, 0.0, 0.0, 0.0], dtype=torch.float64, device=device))
+                trained_tokens += stats[0].item()
+                n_global = max(stats[0].item(), 1.0)
+                loss_sum = torch.zeros((), device=device)
+                for i, b in enumerate(batches):
+                    skipped += b["n_skipped"]
+                    last = i == accum - 1
+                    # gradients are reduced across ranks only on the last micro-step: DDP's no_sync, and FSDP's
+                    # equivalent, which keeps unsharded gradients until then
+                    if cfg.fsdp:
+                        model.set_requires_gradient_sync(last)
+                    sync = contextlib.nullcontext() if last or world == 1 or cfg.fsdp else ddp_model.no_sync()
+                    if len(b["ids"]) == 0:  # every sample was skipped: one padding token without labels gives a zero
+                        # loss through the same forward, and so the same collectives, as the other ranks' micro-batches
+                        b = dict(b, input_ids=torch.zeros(1, 1, dtype=torch.long),
+                                 attention_mask=torch.zeros(1, 1, dtype=torch.bool),
+                                 labels=torch.full((1, 1), IGNORE_INDEX), images=None, segment_ids=None)
+                    with sync, autocast:
+                        images = b["images"].to(device, non_blocking=True) if b["images"] is not None else None
+                        segment_ids = b["segment_ids"].to(device) if b["segment_ids"] is not None else None
+                        loss = ddp_model(b["input_ids"].to(device), images, b["attention_mask"].to(device),
+                                         b["labels"].to(device), reduction="sum", segment_ids=segment_ids)
+                        if images is None:  # text-only batch: touch the unused projector so DDP's sync sees it
+                            loss = loss + 0.0 * sum(p.sum() for p in model.multi_modal_projector.parameters())
+                        # DDP and FSDP average gradients over ranks; × world turns that into the global batch's sum
+                        (loss * world / n_global).backward()
+                    loss_sum += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
+                if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients, reduced over the ranks
+                    grad_norm = grad_norm.full_tensor()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            stats[1], stats[2] = loss_sum, sum(llm_positions(b, model.config.num_image_tokens) for b in batches)
-            stats = all_reduce_sum(stats)
-            if device.type == "cuda":  # kernels run asynchronously: wait for this step's backward and AdamW step,
-                torch.cuda.synchronize(device)  # which no host read has waited for yet, or dt would leave them out
-            dt = time.time() - t0
-            record = dict(step=step, loss=stats[1].item() / n_global, lr=optimizer.param_groups[0]["lr"],
-                          grad_norm=grad_norm.item(), tokens=int(stats[2].item()), tokens_per_s=stats[2].item() / dt,
-                          skipped=skipped)
-            postfix = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                           tok_s=f"{record['tokens_per_s']:.0f}")
-            if device.type == "cuda":
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                postfix["mem"] = f"{record['peak_mem_gb']:.1f}GB"
-            if peak:
-                record["mfu"] = flops_token * stats[2].item() / dt / (world * peak)
-                postfix["mfu"] = f"{record['mfu']:.1%}"
-            if rank == 0:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.set_postfix(postfix, refresh=False)  # drawn once, by update
-                bar.update()
-            if step % cfg.save_every == 0 and step < end_step:
-                save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
-    bar.close()
+                stats[1], stats[2] = loss_sum, sum(llm_positions(b, model.config.num_image_tokens) for b in batches)
+                stats = all_reduce_sum(stats)
+                if device.type == "cuda":  # kernels run asynchronously: wait for this step's backward and AdamW step,
+                    torch.cuda.synchronize(device)  # which no host read has waited for yet, or dt would leave them out
+                dt = time.time() - t0
+                record = dict(step=step, loss=stats[1].item() / n_global, lr=optimizer.param_groups[0]["lr"],
+                              grad_norm=grad_norm.item(), tokens=int(stats[2].item()),
+                              tokens_per_s=stats[2].item() / dt, skipped=skipped)
+                postfix = dict(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                               tok_s=f"{record['tokens_per_s']:.0f}")
+                if device.type == "cuda":
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    postfix["mem"] = f"{record['peak_mem_gb']:.1f}GB"
+                if peak:
+                    record["mfu"] = flops_token * stats[2].item() / dt / (world * peak)
+                    postfix["mfu"] = f"{record['mfu']:.1%}"
+                if rank == 0:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(postfix, refresh=False)  # drawn once, by update
+                    bar.update()
+                if step % cfg.save_every == 0 and step < end_step:
+                    save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
+    finally:
+        bar.close()
     if log_file:
         log_file.close()
     skipped = int(all_reduce_sum(torch.tensor([skipped], device=device)).item())
+    if step > start_step and trained_tokens == 0:  # not a model to hand to chat.py and eval.py
+        raise DataError(f"{cfg.data}: no sample was trained in {step - start_step} steps ({skipped} skipped): each "
+                        "was unreadable (named above), had no answer to learn, or lost its answers to --max-len "
+                        f"{cfg.max_len}; no model written")
     if step > start_step:  # a finished run resumed has its last checkpoint already
         save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
     plain = gather_model(model) if cfg.fsdp else model
@@ -869,6 +929,9 @@ def main(argv=None):
         runs_dir = "" if cfg.runs_dir == TrainConfig.runs_dir else f" --runs-dir {cfg.runs_dir}"
         raise SystemExit(f"stage 2 starts from stage 1's projector; run `python train.py --stage 1{runs_dir}` first "
                          f"(no {cfg.projector})")
+    if toy and cfg.stage in (1, 2) and cfg.data != os.path.join(toy_paths(cfg)["world"], f"stage{cfg.stage}.json"):
+        log(rank, f"note: no --llm, so the toy's base models (in {os.path.dirname(cfg.llm)}) train on {cfg.data}, "
+                  "with the toy's settings; the real recipe needs --llm and --vision-tower")
     marker = claim_out_dir(cfg, rank) if cfg.stage in (1, 2) else None
     try:
         if cfg.stage in (1, 2) and not cfg.resume:
@@ -882,7 +945,16 @@ def main(argv=None):
             log(rank, "config: " + json.dumps(dataclasses.asdict(cfg)))
             train(cfg, rank, world, device, dtype)
     except (DataError, CheckpointError, FileNotFoundError) as e:  # their messages name the file and the fix
-        raise SystemExit(f"error: {e}") from None
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it in that traceback
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        raise SystemExit(f"error: {message}") from None
+    except KeyboardInterrupt:
+        if rank == 0:
+            last = checkpoint_dirs(cfg.out_dir) if cfg.stage in (1, 2) else []
+            print(f"\ninterrupted; {'the newest checkpoint is ' + last[-1] if last else 'no checkpoint yet'}: the "
+                  "same command with --resume true continues from it", file=sys.stderr)
+        sys.exit(130)
     finally:
         if marker:  # a killed run cannot remove it, but its process is gone: the next run takes over
             os.remove(marker)

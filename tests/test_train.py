@@ -348,8 +348,70 @@ def test_a_second_run_into_the_same_out_dir_stops_unless_told(runs, tmp_path):
     assert len(open(tmp_path / "s1" / "log.jsonl").readlines()) == 2  # a new log, not appended to
     assert not torch.equal(trainable(tmp_path / "s1", 2)["multi_modal_projector.linear_1.weight"],
                            first["multi_modal_projector.linear_1.weight"])  # trained again, at the new lr
-    out = train(runs, *common, "--resume", "true")
+    out = train(runs, *common, "--resume", "true", "--lr", 5e-3)  # the run's own settings (see the next test)
     assert "resumed from" in out.stdout and "nothing left to train" in out.stdout
+
+
+def test_resume_with_other_settings_stops_and_names_them(runs, tmp_path):
+    """--resume continues the checkpoint's run: another learning rate or batch would make it neither run (the official
+    Trainer takes them without a word). Another path is only warned about: the same files have many names."""
+    common = ["--stage", 1, "--out-dir", tmp_path / "s1", "--micro-batch", 8, "--save-every", 1]
+    train(runs, *common, "--global-batch", 8, "--max-steps", 1)
+    out = train(runs, *common, "--global-batch", 16, "--lr", 0.05, "--max-steps", 2, "--resume", "true", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: --resume: {tmp_path / 's1' / 'checkpoint-1'} is from a run with other settings (--lr 0.002 there, "
+        "0.05 now; --global-batch 8 there, 16 now); give its settings, or --overwrite true to start afresh")
+    assert len(open(tmp_path / "s1" / "log.jsonl").readlines()) == 1
+    data = tmp_path / "same.json"
+    shutil.copy(runs / "toy" / "world" / "stage1.json", data)
+    out = train(runs, *common, "--global-batch", 8, "--max-steps", 2, "--resume", "true", "--data", data)
+    assert f"warning: --data was '{runs / 'toy' / 'world' / 'stage1.json'}' in the run that wrote" in out.stdout
+    assert "resumed from" in out.stdout and len(open(tmp_path / "s1" / "log.jsonl").readlines()) == 2
+
+
+def test_checkpoints_are_found_by_their_step_alone(tmp_path):
+    from train import checkpoint_dirs
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-best", ".checkpoint-3.tmp", "checkpoint-4.old"):
+        (tmp_path / name).mkdir()
+    assert checkpoint_dirs(str(tmp_path)) == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-10")]
+
+
+def test_a_run_that_trains_no_sample_writes_no_model(runs, tmp_path):
+    """Every sample cut by --max-len before its answer (or unreadable) used to end in "done", a model and LATEST."""
+    latest = (runs / "LATEST").read_text() if (runs / "LATEST").exists() else None
+    out = train(runs, "--stage", 1, "--out-dir", tmp_path / "s1", "--global-batch", 8, "--micro-batch", 8,
+                "--max-len", 8, "--epochs", 0.2, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "no sample was trained in 3 steps (24 skipped)" in out.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "s1" / "model")
+    assert ((runs / "LATEST").read_text() if (runs / "LATEST").exists() else None) == latest
+
+
+def test_a_bad_sample_in_a_loader_worker_and_ctrl_c_each_end_in_one_line(runs, tmp_path):
+    """--skip-bad false stops at a bad sample: the worker's wrapped traceback is cut to its message. Ctrl-C says
+    how to go on from the newest checkpoint."""
+    samples = json.load(open(runs / "toy" / "world" / "stage1.json"))[:16]
+    samples[5]["image"] = "no_such_image.png"
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(samples))
+    out = train(runs, "--stage", 1, "--data", data, "--out-dir", tmp_path / "bad", "--global-batch", 8,
+                "--micro-batch", 4, "--num-workers", 2, "--skip-bad", "false", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert re.fullmatch(r"error: sample \S+ \(.*bad.json item 5\): .*no_such_image.png.*",
+                        out.stderr.strip().splitlines()[-1])
+    run = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--runs-dir", str(runs), "--stage", "1",
+                            "--out-dir", str(tmp_path / "s1"), "--global-batch", "8", "--micro-batch", "8",
+                            "--save-every", "1", "--epochs", "1000"], env=env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.isdir(tmp_path / "s1" / "checkpoint-2") and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert re.search(r"interrupted; the newest checkpoint is .*checkpoint-\d+: the same command with --resume true "
+                     r"continues from it", err), err
 
 
 def test_a_run_into_an_out_dir_that_another_run_trains_into_stops(runs, tmp_path):
@@ -381,6 +443,7 @@ def test_bad_sample_is_skipped_counted_and_training_finishes(runs, tmp_path):
     out = train(runs, "--stage", 1, "--data", data, "--out-dir", tmp_path / "bad", "--global-batch", 8,
                 "--micro-batch", 4, "--epochs", 1, "--save-every", 100, "--num-workers", 2)
     assert "1 sample skipped" in out.stdout + out.stderr
+    assert f"note: no --llm, so the toy's base models (in {runs / 'toy' / 'base'}) train on {data}" in out.stdout
     state = json.load(open(tmp_path / "bad" / "checkpoint-2" / "state.json"))
     assert state["skipped"] == 1 and state["step"] == 2
     log = [json.loads(line) for line in open(tmp_path / "bad" / "log.jsonl")]
@@ -412,6 +475,9 @@ def test_a_wrong_image_folder_stops_before_training(runs, tmp_path):
     assert out.returncode != 0
     assert f"image files looked for is under {tmp_path / 'empty'}" in out.stderr and "--image-folder right?" in out.stderr
     assert not os.path.exists(tmp_path / "s1" / "log.jsonl")
+    out = train(runs, "--stage", 1, "--image-folder", "", "--out-dir", tmp_path / "s1", check=False)
+    assert out.returncode != 0 and "stage1.json names images (train_" in out.stderr
+    assert "give --image-folder, where their paths start" in out.stderr
 
 
 @needs_cpu_fsdp
@@ -454,7 +520,7 @@ def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
     # every option given on the command line wins over the stage's and the toy's defaults
     other = dict(stage=2, template="llava_llama_2", image_aspect_ratio="square", projector_type="linear",
                  device="cpu", dtype="bf16", llm="V2", vision_tower="C2", projector="P2", data="d2.json",
-                 image_folder="I2")
+                 image_folder="I2", global_batch=60, micro_batch=6, warmup_ratio=0.5)
     for toy in (True, False):
         argv = ["--stage", "2"] + ([] if toy else ["--llm", "V", "--vision-tower", "C", "--data", "mix.json"])
         defaults = resolve_config(argv)
@@ -472,7 +538,10 @@ def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [["--stage", "3"], ["--dtype", "float16"], ["--dtype", "fp16"], ["--device", "gpu"],
                                  ["--image-aspect-ratio", "crop"], ["--projector-type", "mlp"], ["--template", "vicuna"],
-                                 ["--resume", "ture"], ["--llm", "nowhere"], ["--data", "nowhere.json"]])
+                                 ["--resume", "ture"], ["--llm", "nowhere"], ["--data", "nowhere.json"],
+                                 ["--global-batch", "10", "--micro-batch", "4"], ["--global-batch", "-8"],
+                                 ["--micro-batch", "0"], ["--lr", "-1"], ["--save-every", "0"], ["--epochs", "0"],
+                                 ["--warmup-ratio", "2"], ["--max-len", "0"], ["--grad-clip", "0"], ["--data", "."]])
 def test_bad_option_values_stop_with_a_usage_error(bad, capsys, tmp_path, monkeypatch):
     """A wrong value stops before any work, naming the option and the choices (not a KeyError mid-run); a
     misspelt true/false is not read as false, and a path that does not exist is named before minutes of loading."""
@@ -486,6 +555,26 @@ def test_bad_option_values_stop_with_a_usage_error(bad, capsys, tmp_path, monkey
     assert bad[0] in error
     if bad == ["--dtype", "fp16"]:  # chat.py and eval.py take it; training would need a GradScaler
         assert "loss scaling" in error
+
+
+def test_a_tower_without_an_llm_or_a_batch_that_ranks_cannot_split_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    """Without --llm, train.py trains the toy: given a real tower, it would quietly train the toy's LM beside it.
+    (Other data for the toy is allowed, and said: test_bad_sample_is_skipped_counted_and_training_finishes.) The
+    global batch must split into torchrun's ranks × micro-batches, which is known before any loading."""
+    from train import resolve_config
+    monkeypatch.chdir(tmp_path)
+    real_recipe_paths(tmp_path, "V", "C", "mix.json")
+    for argv in (["--vision-tower", "C"], ["--vision-tower", "C", "--data", "mix.json"]):
+        with pytest.raises(SystemExit) as stop:
+            resolve_config(["--stage", "1", *argv])
+        assert stop.value.code == 2
+        assert "--vision-tower without --llm: the real recipe needs --llm" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as stop:
+        resolve_config(["--stage", "1", "--global-batch", "32", "--micro-batch", "8"])
+    assert stop.value.code == 2
+    assert "--global-batch 32 must split into 3 ranks × micro-batches of 8" in capsys.readouterr().err
+    assert resolve_config(["--stage", "1", "--global-batch", "48", "--micro-batch", "8"]).global_batch == 48
 
 
 def test_help_says_what_each_option_does_and_its_stage_defaults(capsys, monkeypatch):
@@ -566,7 +655,7 @@ def test_a_rank_without_a_gpu_of_its_own_stops_before_any_work(gpus, local_rank,
     for name, value in (("RANK", local_rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", 2)):  # as torchrun sets
         monkeypatch.setenv(name, str(value))
     with pytest.raises(SystemExit, match=error):
-        train_main(["--stage", "1", "--device", "cuda", "--runs-dir", str(tmp_path)])
+        train_main(["--stage", "1", "--device", "cuda", "--runs-dir", str(tmp_path), "--micro-batch", "16"])
     assert not any(tmp_path.iterdir())
 
 
