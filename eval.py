@@ -312,7 +312,13 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
         dist.init_process_group("gloo", timeout=timedelta(days=1))
         num_chunks, chunk_idx, own_file = world, rank, _rank_file(answers_file, rank, world)
     mine = get_chunk(questions, num_chunks, chunk_idx)
-    done = {_answer_key(a) for path in {answers_file, own_file} for a in read_answers(path)} if resume else set()
+    earlier = [a for path in {answers_file, own_file} for a in read_answers(path)] if resume else []
+    model_id = Path(model_dir).resolve().name
+    others = sorted({str(a.get("model_id")) for a in earlier} - {model_id})
+    if others:  # the scores would mix two models' answers
+        raise ValueError(f"{answers_file}: holds answers of model {others[0]!r}, and this run's is {model_id!r}; "
+                         "give another --answers-file, or remove that one to answer afresh")
+    done = {_answer_key(a) for a in earlier}
     todo = [q for q in mine if _question_key(q) not in done]
     if todo:  # a finished run does not even load the model
         device = resolve_device(args.device)
@@ -332,7 +338,7 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
     with open_for_append(own_file) as answers:
         if todo:
             failed = answer_questions(model, tokenizer, CONV_TEMPLATES[conv_mode], todo, image_folder, answers,
-                                      Path(model_dir).resolve().name, batch_size, progress=rank == 0,
+                                      model_id, batch_size, progress=rank == 0,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p)
     counts = torch.tensor([len(todo) - len(failed), len(failed), len(mine) - len(todo)])
@@ -994,12 +1000,18 @@ def generate_answers(args):
     questions, max_new_tokens = read_questions(args)
     args.max_new_tokens = args.max_new_tokens or max_new_tokens
     model_dir = model_directory(args)
+    if args.image_folder:
+        check_input("--image-folder", args.image_folder, "directory")
     counts = run_generation(args, model_dir, questions, args.image_folder, args.answers_file, args.num_chunks,
                             args.chunk_idx)
     if counts is not None:
         answered, failed, skipped = counts
         print(f"{answered} answered, {failed} failed, {skipped} already answered: {args.answers_file}"
               + (" (run again to retry the failed ones)" if failed else ""))
+        if failed and not answered and not skipped:  # not a run to score
+            print(f"error: none of the {failed} questions was answered (each one's reason is above); is "
+                  f"--image-folder {args.image_folder or '(none given)'} right?", file=sys.stderr)
+            sys.exit(1)
 
 
 def positive_int(text):

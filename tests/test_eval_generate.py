@@ -121,7 +121,7 @@ def test_generate_writes_official_answers_and_batches_change_nothing(runs, refer
 def test_resume_keeps_what_is_there_and_drops_a_cut_off_line(runs, reference, tmp_path, capsys):
     answers_file = tmp_path / "answers.jsonl"
     kept = [dict(question_id=q["question_id"], prompt=q["text"], text="PRE-EXISTING", answer_id=str(i),
-                 model_id="earlier", metadata={}) for i, q in enumerate(runs["questions"][:5])]
+                 model_id="model", metadata={}) for i, q in enumerate(runs["questions"][:5])]
     written = "".join(json.dumps(a) + "\n" for a in kept)
     cut = json.dumps(dict(question_id=runs["questions"][5]["question_id"], prompt=runs["questions"][5]["text"],
                           text="CUT"))[:30]  # a crash in the middle of the sixth line
@@ -135,6 +135,32 @@ def test_resume_keeps_what_is_there_and_drops_a_cut_off_line(runs, reference, tm
     generate(runs, answers_file)  # nothing left to do
     assert "0 answered, 0 failed, 13 already answered" in capsys.readouterr().out
     assert len(lines(answers_file)) == 13
+    # another model's answers are not resumed: scores would mix the two models
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(dict(kept[0], model_id="llava-v1.5-7b")) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        generate(runs, other)
+    assert stop.value.code == 2 and len(lines(other)) == 1
+    assert (f"error: {other}: holds answers of model 'llava-v1.5-7b', and this run's is 'model'; give another "
+            "--answers-file, or remove that one to answer afresh") in capsys.readouterr().err
+
+
+def test_a_run_that_answers_nothing_fails_and_names_the_image_folder(runs, tmp_path, capsys):
+    """Every question failing (here: no image where --image-folder says) is not a run to score."""
+    questions = tmp_path / "image_questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in runs["questions"] if "image" in q))
+    (tmp_path / "empty").mkdir()
+    argv = ["generate", "--runs-dir", str(runs["root"]), "--question-file", str(questions), "--answers-file",
+            str(tmp_path / "a.jsonl")]
+    with pytest.raises(SystemExit) as stop:
+        eval.main([*argv, "--image-folder", str(tmp_path / "empty")])
+    assert stop.value.code == 1
+    assert (f"error: none of the 12 questions was answered (each one's reason is above); is --image-folder "
+            f"{tmp_path / 'empty'} right?") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        eval.main([*argv, "--image-folder", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2
+    assert f"error: --image-folder {tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
 
 
 def test_num_chunks_split_as_the_official_scripts(runs, reference, tmp_path):
