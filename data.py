@@ -158,6 +158,22 @@ def load_tokenizer(path) -> Tokenizer:
     return tokenizer
 
 
+def save_llava_tokenizer(llm_dir, directory, image_token_index: int):
+    """The LLM's tokenizer files in a llava-hf model directory, with "<image>" added at image_token_index as
+    transformers' converter adds it (spec §7): its LlavaProcessor expands that token into the image's positions.
+    Our own pipeline never needs it, since it splits prompts at "<image>" before tokenizing."""
+    for name in os.listdir(llm_dir):
+        if name.startswith(("tokenizer", "special_tokens_map")):
+            shutil.copy(os.path.join(llm_dir, name), directory)
+    tokenizer = load_tokenizer(llm_dir)
+    if tokenizer.token_to_id(IMAGE_MARKER) is None:
+        tokenizer.add_special_tokens([AddedToken(IMAGE_MARKER, normalized=False, special=True)])
+    if tokenizer.token_to_id(IMAGE_MARKER) != image_token_index:
+        raise ValueError(f"{llm_dir}: its tokenizer gives {IMAGE_MARKER} the id {tokenizer.token_to_id(IMAGE_MARKER)}, "
+                         f"the model {image_token_index}")
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+
+
 def _llama_tokenizer(vocab: dict, merges: list) -> Tokenizer:
     """A BPE tokenizer built as transformers' LlamaConverter builds LLaMA's tokenizer.json (legacy behaviour, which
     LLaVA-1.5 was trained with): "▁" is prepended and every space becomes "▁" (SentencePiece's dummy prefix),

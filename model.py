@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip import CLIPVisionConfig, CLIPVisionTower
+from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower
 from llama import Llama, LlamaConfig, attention_mask, sample
 from projector import Projector
 
@@ -555,6 +555,24 @@ def save_llava(model: Llava, directory: str, max_shard_bytes: int = 5 * 2**30):
     config = model.config.to_hf()
     config["text_config"]["vocab_size"] = state["language_model.lm_head.weight"].shape[0]
     write_checkpoint(state, config, directory, max_shard_bytes)
+
+
+def save_image_processor(config: LlavaConfig, directory: str):
+    """preprocessor_config.json and processor_config.json, as llava-hf ships them, so that transformers'
+    AutoProcessor prepares images and prompts for this model as we do: LlavaImageProcessor's do_pad is our "pad"
+    (a square of CLIP's mean colour first), without it a resize and centre crop ("square")."""
+    size = config.vision.image_size
+    image = dict(image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
+                 do_pad=config.image_aspect_ratio == "pad", do_resize=True, size={"shortest_edge": size},
+                 resample=3, do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True,
+                 rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                 do_convert_rgb=True)
+    processor = dict(processor_class="LlavaProcessor", image_token="<image>", patch_size=config.vision.patch_size,
+                     num_additional_image_tokens=1,  # the class token, which "default" then drops
+                     vision_feature_select_strategy=config.vision_feature_select_strategy)
+    for name, content in (("preprocessor_config.json", image), ("processor_config.json", processor)):
+        with open(os.path.join(directory, name), "w") as f:
+            json.dump(content, f, indent=2)
 
 
 def save_llama(llm: Llama, directory: str):

@@ -47,10 +47,11 @@ from tqdm import tqdm
 
 from clip import ASPECT_RATIOS, CLIPVisionConfig, CLIPVisionTower, preprocess_image
 from data import (BOS_ID, CONV_TEMPLATES, POSITIONS, SHAPES, DataError, LazySupervisedDataset,
-                  ModalityLengthGroupedSampler, collate, ensure_toy_world, load_tokenizer, open_image, place_phrase)
+                  ModalityLengthGroupedSampler, collate, ensure_toy_world, load_tokenizer, open_image, place_phrase,
+                  save_llava_tokenizer)
 from llama import Llama, LlamaConfig
-from model import (DTYPES, IGNORE_INDEX, CheckpointError, Llava, load_base, load_projector, save_clip, save_llama,
-                   save_llava)
+from model import (DTYPES, IGNORE_INDEX, CheckpointError, Llava, load_base, load_projector, save_clip,
+                   save_image_processor, save_llama, save_llava)
 from projector import projector_depth
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -891,9 +892,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                   f"model is {final}, {latest} unchanged")
     elif rank == 0:
         save_llava(plain, final)
-        for name in os.listdir(cfg.llm):
-            if name.startswith(("tokenizer", "special_tokens_map")):
-                shutil.copy(os.path.join(cfg.llm, name), final)
+        save_image_processor(plain.config, final)  # with the tokenizer: what transformers' AutoProcessor reads
+        save_llava_tokenizer(cfg.llm, final, plain.config.image_token_index)
         with open(os.path.join(final, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         # a run that --max-steps cut short is a smoke test, not the model chat.py and eval.py should pick up

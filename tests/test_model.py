@@ -2,17 +2,21 @@
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
 import tiny_hf
-from data import collate
+from clip import CLIPVisionConfig, preprocess_image
+from data import collate, load_tokenizer, save_llava_tokenizer, tokenize_prompt
+from llama import LlamaConfig
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llava, LlavaConfig, load_base, load_clip,
-                   load_llama, load_llava, save_llava)
+                   load_llama, load_llava, save_image_processor, save_llava)
 
 TOL = 1e-4
 
@@ -390,8 +394,8 @@ def test_original_layout_gives_the_same_logits(llava_hf_dir, tmp_path):
     # the tower as transformers 5's CLIPVisionModel.save_pretrained writes it: no `vision_model.` in the names
     bare = tmp_path / "clip_vision_model"
     bare.mkdir()
-    save_file({k.removeprefix("vision_model."): v for k, v in load_file(str(Path(clip_dir) / "model.safetensors")).items()},
-              str(bare / "model.safetensors"))
+    tower = load_file(str(Path(clip_dir) / "model.safetensors"))
+    save_file({k.removeprefix("vision_model."): v for k, v in tower.items()}, str(bare / "model.safetensors"))
     (bare / "config.json").write_text(json.dumps({**tiny_hf.CLIP, "model_type": "clip_vision_model"}))
     with torch.no_grad():
         assert torch.equal(load_llava(llava_dir, vision_tower=str(bare))(ids, images), original(ids, images))
@@ -527,3 +531,42 @@ def test_corrupt_weights_file_names_it(llava_hf_dir, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
         load_llava(str(tmp_path))
+
+
+@pytest.mark.parametrize("aspect_ratio", ["pad", "square"])
+def test_saved_model_runs_under_transformers_autoprocessor_as_ours(aspect_ratio, tmp_path):
+    """What train.py writes beside the weights (the LLM's tokenizer with "<image>" added at the model's image id,
+    preprocessor and processor configs) lets a transformers user prompt it with AutoProcessor, as llava-hf's models:
+    the same pixels as our preprocessing, the same greedy tokens."""
+    tokenizer_dir = os.path.join(os.path.dirname(__file__), "fixtures", "llama2-tokenizer")
+    config = LlavaConfig(vision=CLIPVisionConfig.from_name("tiny"),
+                         text=replace(LlamaConfig.from_name("tiny"), vocab_size=32000), image_token_index=32000,
+                         image_aspect_ratio=aspect_ratio)
+    torch.manual_seed(0)
+    ours = Llava(config).eval()
+    with torch.no_grad():  # larger than the default init, so that the greedy tokens depend on the image
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    save_llava(ours, str(tmp_path))
+    save_image_processor(ours.config, str(tmp_path))
+    save_llava_tokenizer(tokenizer_dir, str(tmp_path), ours.config.image_token_index)
+    saved = load_tokenizer(tmp_path)
+    assert saved.token_to_id("<image>") == 32000
+    prompt = "USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: And <image>? ASSISTANT:"
+    assert tokenize_prompt(saved, prompt) == tokenize_prompt(load_tokenizer(tokenizer_dir), prompt)  # ours unchanged
+
+    image = PIL.Image.fromarray(torch.randint(0, 256, (30, 50, 3), generator=torch.Generator().manual_seed(1))
+                            .numpy().astype("uint8"))  # not square: pad and crop differ
+    processor = transformers.AutoProcessor.from_pretrained(str(tmp_path))
+    inputs = processor(images=image, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
+    mine = preprocess_image(image, 32, aspect_ratio)[None]
+    assert (inputs["pixel_values"] - mine).abs().max() < 1e-5
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    theirs = theirs[0, inputs["input_ids"].shape[1]:]
+    ids = inputs["input_ids"][0].tolist()
+    first = ids.index(32000)  # the processor expanded "<image>" into the image's positions; ours takes one marker
+    assert ids[first:first + tiny_hf.N_IMAGE_TOKENS] == [32000] * tiny_hf.N_IMAGE_TOKENS
+    ours_ids = ids[:first] + [IMAGE_TOKEN_INDEX] + ids[first + tiny_hf.N_IMAGE_TOKENS:]
+    assert ours.generate([ours_ids], mine, max_new_tokens=8, eos_token_id=-1)[0] == theirs.tolist()
