@@ -285,6 +285,9 @@ def to_messages(conversations: list, has_image: int) -> list[tuple[int, str]]:
     "<image>\\nQ", and several markers in the turn of a one-image sample become that one. (With several images, our
     extension, a turn's markers stay as written unless there is one.) In a sample without an image, "<image>" is
     text."""
+    others = {str(turn.get("from")) for turn in conversations if isinstance(turn, dict)} - {"human", "gpt"}
+    if others:  # e.g. OpenAI's "user" and "assistant" (official preprocess fails on them with a KeyError)
+        raise DataError(f"turns come \"from\" human or gpt, as in LLaVA's data, not {', '.join(sorted(others))}")
     if conversations and isinstance(conversations[0], dict) and conversations[0].get("from") != "human":
         conversations = conversations[1:]  # official: a conversation that opens with the assistant loses that turn
     if not conversations or len(conversations) % 2:
@@ -423,7 +426,8 @@ def _read_records(path: Path) -> tuple[list, list | None]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            jsonl = " (one sample per line is JSONL: name the file .jsonl)" if e.msg == "Extra data" else ""
+            raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{jsonl}") from None
         if not isinstance(records, list):
             raise DataError(f"{path}: a LLaVA JSON file holds a list of samples")
         return records, None

@@ -525,6 +525,8 @@ BAD = {  # id -> (sample, what the error must say)
     "marker_in_answer": (dict(image="ok.png", conversations=turns("<image>\nQ?", "<image> red")), "in an answer"),
     "end_in_answer": (dict(conversations=turns("Q?", "red</s> and blue")), "'</s>' in a message"),
     "empty": (dict(image="ok.png", conversations=turns("<image>\nQ?", "  ")), "empty answer"),
+    "roles": (dict(conversations=[{"from": "user", "value": "Q?"}, {"from": "assistant", "value": "red"}]),
+              'turns come "from" human or gpt, as in LLaVA\'s data, not assistant, user'),
 }
 
 
@@ -550,7 +552,7 @@ def bad_jsonl(tmp_path, toy_world):
     good = [dict(id=f"good{i}", image="ok.png", conversations=turns("<image>\nWhat is it?", f"thing {i}"))
             for i in range(5)] + [dict(id="good_text", conversations=turns("Hi?", "hello"))]
     lines = [json.dumps(s) for s in good[:3]] + [json.dumps(dict(id=k, **s)) for k, (s, _) in BAD.items()]
-    lines += ["{'id': 'broken', oops", ""] + [json.dumps(s) for s in good[3:]]  # line 12 is invalid, 13 blank
+    lines += ["{'id': 'broken', oops", ""] + [json.dumps(s) for s in good[3:]]  # an invalid line, then a blank one
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path, images, [s["id"] for s in good]
@@ -565,7 +567,7 @@ def test_each_bad_sample_names_its_id_and_line(bad_jsonl, toy_world):
             dataset[index]
         assert f"sample {sample_id} ({path}:{index + 1})" in str(error.value)
         assert message in str(error.value)
-    with pytest.raises(DataError, match=r"bad.jsonl:12\): invalid JSON"):
+    with pytest.raises(DataError, match=rf"bad.jsonl:{3 + len(BAD) + 1}\): invalid JSON"):
         dataset[3 + len(BAD)]
     assert dataset[3 + len(BAD) + 1]["id"] == "good3"  # the blank line is not a sample
 
@@ -586,6 +588,10 @@ def test_invalid_json_file_names_the_line(tmp_path, llama_tokenizer):
     path = tmp_path / "data.json"
     path.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b", oops}\n]')
     with pytest.raises(DataError, match=r"data.json: invalid JSON at line 3 column"):
+        LazySupervisedDataset(path, tmp_path, llama_tokenizer, "vicuna_v1")
+    path.write_text('{"id": "a", "conversations": []}\n{"id": "b", "conversations": []}\n')  # JSONL named .json
+    with pytest.raises(DataError, match=r"line 2 column 1: Extra data \(one sample per line is JSONL: name the file "
+                                        r"\.jsonl\)"):
         LazySupervisedDataset(path, tmp_path, llama_tokenizer, "vicuna_v1")
 
 
