@@ -131,6 +131,13 @@ class ChatSession:
 # loading
 
 
+def open_local_image(path: str):
+    """The official CLI also fetches http(s) images; this one reads files only, and says so."""
+    if path.startswith(("http://", "https://")):
+        raise DataError(f"{path}: a URL; chat.py reads image files (download it first)")
+    return open_image(path)
+
+
 def choose_template(model_dir: str) -> str:
     """The template a model chats in, when --conv-mode does not say (see the module docstring)."""
     train_config = os.path.join(model_dir, "train_config.json")
@@ -156,7 +163,9 @@ def load_model(model_dir: str, vision_tower, device, dtype):
     if not os.path.isdir(model_dir):
         raise ChatError(f"{model_dir}: no such model directory")
     try:
-        return load_llava(model_dir, vision_tower, dtype, device), load_tokenizer(model_dir), choose_template(model_dir)
+        read_config(model_dir)  # what is quick to find missing, before the weights' minutes: a config, a tokenizer
+        tokenizer = load_tokenizer(model_dir)
+        return load_llava(model_dir, vision_tower, dtype, device), tokenizer, choose_template(model_dir)
     except (CheckpointError, OSError, ValueError, KeyError, AssertionError, SafetensorError) as e:
         # the loaders' checks (unsupported configs are asserts), damaged files and JSON, a missing tokenizer
         message = str(e) or type(e).__name__
@@ -195,7 +204,7 @@ def interactive(session: ChatSession):
             continue
         if command == "/image":
             try:
-                images = [open_image(path) for path in shlex.split(rest)]  # quotes allow spaces in paths
+                images = [open_local_image(path) for path in shlex.split(rest)]  # quotes allow spaces in paths
             except (DataError, ValueError) as e:  # ValueError: unbalanced quotes
                 print(e)
                 continue
@@ -262,7 +271,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        images = [open_image(path) for path in args.images]  # before the model, which may take minutes
+        images = [open_local_image(path) for path in args.images]  # before the model, which may take minutes
         model_dir = args.model or latest_model()
         model, tokenizer, template = load_model(model_dir, args.vision_tower, args.device, args.dtype)
     except (DataError, ChatError) as e:  # DataError names a missing, corrupt or oversized image

@@ -68,7 +68,7 @@ from clip import preprocess_image
 from data import (CONV_TEMPLATES, IMAGE_MARKER, DataError, ensure_toy_eval, ensure_toy_world, load_tokenizer,
                   open_image, render, tokenize_prompt)
 from llama import check_sampling
-from model import DTYPES, CheckpointError, load_llava
+from model import DTYPES, CheckpointError, load_llava, read_config
 
 REPO = Path(__file__).resolve().parent
 
@@ -328,9 +328,11 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
         if rank == 0:
             print(f"{model_dir}: template {conv_mode}, batch {batch_size}, {device}, {dtype}, up to "
                   f"{args.max_new_tokens} new tokens; answering into {answers_file}", flush=True)
-        # before the answers file is touched: a model that cannot be loaded leaves no file behind
-        model = load_llava(model_dir, args.vision_tower, dtype, device)
+        # before the answers file is touched: a model that cannot be loaded leaves no file behind; what is quick to
+        # find missing first (a config, a tokenizer), not after the weights' minutes
+        read_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
+        model = load_llava(model_dir, args.vision_tower, dtype, device)
     if not resume and own_file.exists():
         own_file.unlink()
 

@@ -50,8 +50,8 @@ from data import (BOS_ID, CONV_TEMPLATES, POSITIONS, SHAPES, DataError, LazySupe
                   ModalityLengthGroupedSampler, collate, ensure_toy_world, load_tokenizer, open_image, place_phrase,
                   save_llava_tokenizer)
 from llama import Llama, LlamaConfig
-from model import (DTYPES, IGNORE_INDEX, CheckpointError, Llava, load_base, load_projector, save_clip,
-                   save_image_processor, save_llama, save_llava)
+from model import (DTYPES, IGNORE_INDEX, CheckpointError, Llava, load_base, load_projector, read_config,
+                   save_clip, save_image_processor, save_llama, save_llava)
 from projector import projector_depth
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -183,6 +183,18 @@ def check_numbers(cfg: TrainConfig, parser):
                      f"micro-batches of {cfg.micro_batch} (--micro-batch)")
 
 
+def stage1_projector(path: str, parser) -> str:
+    """What --projector names: a stage-1 model directory or an official mm_projector.bin; given the stage-1 run's
+    directory (ours, or the official one holding mm_projector.bin), what it holds."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        inside = [os.path.join(path, name) for name in ("model", "mm_projector.bin")]
+        if not any(map(os.path.exists, inside)):
+            parser.error(f"--projector {path}: neither a stage-1 model directory (<out-dir>/model, not a checkpoint) "
+                         "nor an official mm_projector.bin")
+        return next(filter(os.path.exists, inside))
+    return path
+
+
 def resolve_config(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [--stage {0,1,2}] [--OPTION VALUE ...] (--help lists them all)")
@@ -220,6 +232,12 @@ def resolve_config(argv=None) -> TrainConfig:
                 parser.error(f"--{name.replace('_', '-')} {given[name]}: no such file or directory")
         if os.path.isdir(cfg.data):
             parser.error(f"--data {cfg.data}: a directory; give the LLaVA JSON or JSONL file")
+        if cfg.projector and os.path.exists(cfg.projector):
+            cfg.projector = stage1_projector(cfg.projector, parser)
+            saved_type = read_config(cfg.projector).get("projector_type") if os.path.isdir(cfg.projector) else None
+            if saved_type and given.get("projector_type", saved_type) != saved_type:
+                parser.error(f"--projector-type {cfg.projector_type}: the projector in {cfg.projector} is {saved_type}")
+            cfg.projector_type = saved_type or cfg.projector_type
         if cfg.template not in CONV_TEMPLATES:
             parser.error(f"--template {cfg.template!r}: choose from {', '.join(CONV_TEMPLATES)}")
         if cfg.image_aspect_ratio not in ASPECT_RATIOS:

@@ -279,12 +279,18 @@ def test_bad_input_is_one_line_and_exit_code_2(ours, images, tmp_path):
     no_config.mkdir()
     shutil.copytree(path, damaged)
     (damaged / "model.safetensors").write_bytes(b"truncated")
+    config_only = tmp_path / "config_only"  # the tokenizer is looked for before the weights' minutes of loading
+    config_only.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), config_only)
     runs = {  # all at once; what each must say
         (missing, "not found"): start_chat(images[0], missing, "--model", path, "-p", Q1),
         (text, "cannot read the image"): start_chat(text, "--model", path, "-p", Q1),
+        ("https://example.com/cat.jpg", "a URL; chat.py reads image files (download it first)"):
+            start_chat("https://example.com/cat.jpg", "--model", path, "-p", Q1),
         (nowhere, "no such model directory"): start_chat(images[0], "--model", nowhere, "-p", Q1),
         (no_config, "no config.json"): start_chat(images[0], "--model", no_config, "-p", Q1),
         (damaged, damaged): start_chat(images[0], "--model", damaged, "-p", Q1),
+        (config_only, "no tokenizer.json or tokenizer.model"): start_chat(images[0], "--model", config_only, "-p", Q1),
         ("context full (", " of 256 positions)"): start_chat(images[0], "--model", path, "-p", LONG_QUESTION),
     }
     for names, process in runs.items():

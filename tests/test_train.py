@@ -577,6 +577,25 @@ def test_a_tower_without_an_llm_or_a_batch_that_ranks_cannot_split_is_a_usage_er
     assert resolve_config(["--stage", "1", "--global-batch", "48", "--micro-batch", "8"]).global_batch == 48
 
 
+def test_projector_given_as_the_stage1_run_or_of_another_type(runs, stage1_model, capsys, tmp_path):
+    """--projector takes the stage-1 run's directory for its model/, and an official run's for its mm_projector.bin;
+    a checkpoint, or a projector type other than the saved one, is a usage error (not 2 KB of missing tensors)."""
+    from train import resolve_config
+    stage2 = ["--stage", "2", "--runs-dir", str(runs)]
+    assert resolve_config([*stage2, "--projector", str(stage1_model.parent)]).projector == str(stage1_model)
+    official = tmp_path / "llava-v1.5-7b-pretrain"
+    official.mkdir()
+    (official / "mm_projector.bin").write_bytes(b"")
+    assert resolve_config([*stage2, "--projector", str(official)]).projector == str(official / "mm_projector.bin")
+    for argv, says in ((["--projector", str(stage1_model.parent / "checkpoint-1")], "neither a stage-1 model "
+                        "directory (<out-dir>/model, not a checkpoint) nor an official mm_projector.bin"),
+                       (["--projector", str(stage1_model), "--projector-type", "linear"],
+                        f"--projector-type linear: the projector in {stage1_model} is mlp2x_gelu")):
+        with pytest.raises(SystemExit) as stop:
+            resolve_config([*stage2, *argv])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_help_says_what_each_option_does_and_its_stage_defaults(capsys, monkeypatch):
     from train import TrainConfig, resolve_config
     monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap lines, also at hyphens
