@@ -50,7 +50,7 @@ from data import (BOS_ID, CONV_TEMPLATES, POSITIONS, SHAPES, DataError, LazySupe
                   ModalityLengthGroupedSampler, collate, ensure_toy_world, load_tokenizer, open_image, place_phrase,
                   save_llava_tokenizer)
 from llama import Llama, LlamaConfig
-from model import (DTYPES, IGNORE_INDEX, CheckpointError, Llava, load_base, load_projector, read_config,
+from model import (DTYPES, IGNORE_INDEX, CheckpointError, Llava, LlavaConfig, load_base, load_projector, read_config,
                    save_clip, save_image_processor, save_llama, save_llava)
 from projector import projector_depth
 
@@ -764,20 +764,15 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     if cfg.resume and checkpoint_dirs(cfg.out_dir):
         check_same_run(cfg, checkpoint_dirs(cfg.out_dir)[-1], rank)
     tokenizer = load_tokenizer(cfg.llm)
-    model = build_model(cfg, device, dtype)
-    if cfg.compile:
-        log(rank, "the LLM's decoder layers are compiled (torch.compile): the first steps are slow while it compiles")
-    # transformers' LLaVA needs a vocabulary id for its image tokens: the toy tokenizer has "<image>"; LLaMA's has
-    # none, so the saved model gets one past the vocabulary (padded there, as llava-hf's 32000)
-    model.config.image_token_index = tokenizer.token_to_id("<image>") or model.config.text.vocab_size
-    model.config.image_aspect_ratio = cfg.image_aspect_ratio  # saved with the model: inference prepares images alike
+    # the data is checked before the weights' minutes of loading: the configs say how an image becomes positions
+    config = LlavaConfig(vision=CLIPVisionConfig.from_hf(read_config(cfg.vision_tower)),
+                         text=LlamaConfig.from_hf(read_config(cfg.llm)))
     assert cfg.global_batch % (world * cfg.micro_batch) == 0, \
         f"global batch {cfg.global_batch} must split into {world} ranks × micro-batches of {cfg.micro_batch}"
     accum = cfg.global_batch // (world * cfg.micro_batch)
     dataset = LazySupervisedDataset(cfg.data, cfg.image_folder, tokenizer, cfg.template,
-                                    image_size=model.config.vision.image_size,
-                                    image_aspect_ratio=cfg.image_aspect_ratio, max_len=cfg.max_len,
-                                    image_tokens=model.config.num_image_tokens, skip_bad=cfg.skip_bad)
+                                    image_size=config.vision.image_size, image_aspect_ratio=cfg.image_aspect_ratio,
+                                    max_len=cfg.max_len, image_tokens=config.num_image_tokens, skip_bad=cfg.skip_bad)
     check_images(dataset, cfg, rank)
     if cfg.num_workers:
         # the DataLoader's forked workers share the parent's records until something writes to their pages; the cycle
@@ -787,7 +782,16 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     steps_per_epoch = len(global_batches(dataset, cfg, epoch=0, world=world))  # the same for every epoch
     total_steps = int(cfg.epochs * steps_per_epoch)
     if total_steps == 0:
-        raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch}")
+        raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch} "
+                         "(--global-batch)")
+
+    model = build_model(cfg, device, dtype)
+    if cfg.compile:
+        log(rank, "the LLM's decoder layers are compiled (torch.compile): the first steps are slow while it compiles")
+    # transformers' LLaVA needs a vocabulary id for its image tokens: the toy tokenizer has "<image>"; LLaMA's has
+    # none, so the saved model gets one past the vocabulary (padded there, as llava-hf's 32000)
+    model.config.image_token_index = tokenizer.token_to_id("<image>") or model.config.text.vocab_size
+    model.config.image_aspect_ratio = cfg.image_aspect_ratio  # saved with the model: inference prepares images alike
     if cfg.fsdp:
         shard(model, world, device, dtype)  # before the optimizer: sharding replaces every parameter
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -475,6 +475,14 @@ def test_a_wrong_image_folder_stops_before_training(runs, tmp_path):
     assert out.returncode != 0
     assert f"image files looked for is under {tmp_path / 'empty'}" in out.stderr and "--image-folder right?" in out.stderr
     assert not os.path.exists(tmp_path / "s1" / "log.jsonl")
+    # checked before the weights are read (minutes at 7B): a damaged tower is not what stops this run
+    damaged = tmp_path / "clip"
+    shutil.copytree(runs / "toy" / "base" / "clip", damaged)
+    (damaged / "model.safetensors").write_bytes(b"truncated")
+    out = train(runs, "--stage", 1, "--llm", runs / "toy" / "base" / "llm", "--vision-tower", damaged, "--data",
+                runs / "toy" / "world" / "stage1.json", "--image-folder", tmp_path / "empty", "--global-batch", 8,
+                "--micro-batch", 8, "--out-dir", tmp_path / "s1", check=False)
+    assert out.returncode != 0 and "--image-folder right?" in out.stderr
     out = train(runs, "--stage", 1, "--image-folder", "", "--out-dir", tmp_path / "s1", check=False)
     assert out.returncode != 0 and "stage1.json names images (train_" in out.stderr
     assert "give --image-folder, where their paths start" in out.stderr
