@@ -674,8 +674,8 @@ def score_mme(answers, ground_truth):
         acc_plus = _percent([all(image) for image in image_hits[category].values()])
         categories[category] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
     return {"categories": categories,
-            "perception": sum(c["score"] for name, c in categories.items() if name in MME_PERCEPTION),
-            "cognition": sum(c["score"] for name, c in categories.items() if name in MME_COGNITION)}
+            "perception": float(sum(c["score"] for name, c in categories.items() if name in MME_PERCEPTION)),
+            "cognition": float(sum(c["score"] for name, c in categories.items() if name in MME_COGNITION))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
