@@ -242,7 +242,8 @@ def test_mme():
                        "code_reasoning": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}},
         "perception": 175.0, "cognition": 50.0}
     perception_only = [a for a in eval.read_jsonl(fixture("mme", "answers.jsonl")) if "code" not in a["question_id"]]
-    report = eval.score_mme(perception_only, eval.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version")))
+    ground_truth = eval.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version"))
+    report = eval.score_mme(perception_only, ground_truth)
     assert report["cognition"] == 0.0  # printed as perception is ("0.00"), not as an int ("0")
     assert f"{'cognition':<16}{'0.00':>10}" in eval.format_report("mme", report).splitlines()
 
