@@ -414,6 +414,9 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
         raise CheckpointError(f"{path}: a CLIP model, not a LLaVA one (an original-layout LLaVA takes it as "
                               "--vision-tower)")
     if "text_config" in hf and "vision_config" in hf:  # llava-hf
+        if vision_tower:
+            raise CheckpointError(f"{path}: holds its own CLIP tower (llava-hf layout); --vision-tower is for the "
+                                  "original layout")
         config = LlavaConfig.from_hf(hf)
         with torch.device("meta"):
             model = Llava(config)

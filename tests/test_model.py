@@ -404,6 +404,8 @@ def test_original_layout_gives_the_same_logits(llava_hf_dir, tmp_path):
         load_llava(llava_dir, vision_tower=str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match="a CLIP model, not a LLaVA one"):
         load_llava(clip_dir)
+    with pytest.raises(CheckpointError, match="holds its own CLIP tower .*--vision-tower is for the original layout"):
+        load_llava(path, vision_tower=clip_dir)  # not silently ignored
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text('{"model_type": "llava",\n')
     with pytest.raises(CheckpointError, match="bad.config.json: not valid JSON"):
