@@ -509,6 +509,7 @@ def real_recipe_paths(directory, *names):
             (directory / name).write_text("[]")
         else:
             (directory / name).mkdir()
+            (directory / name / "config.json").write_text("{}")
 
 
 def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
