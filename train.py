@@ -77,7 +77,8 @@ class TrainConfig:
     # models (empty = the toy world's, made by stage 0)
     llm: str = option("", "a plain HF LLaMA / Vicuna directory, also holding the tokenizer (empty: the toy's)")
     vision_tower: str = option("", "a plain HF CLIP directory (empty: the toy's)")
-    projector: str = option("", "stage 2: a stage-1 output directory or an official mm_projector.bin")
+    projector: str = option("", "stage 2: a stage-1 model directory (or its run's, holding model/) or an official "
+                                "mm_projector.bin (or its run's directory); its projector type comes with it")
     projector_type: str = option("mlp2x_gelu", "linear or mlpNx_gelu, as the official mm_projector_type")
     # data
     data: str = option("", "LLaVA JSON / JSONL (empty: the toy world's)")
