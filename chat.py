@@ -78,6 +78,7 @@ class ChatSession:
                                        for image in images]).to(self.device)  # (I, 3, S, S)
         self.messages = []  # [(0 user | 1 assistant, text)]
         self.cached_ids = []  # the ids whose keys and values are in the KV cache, in order
+        self.cut_short = False  # whether the last answer ran into the end of the context
 
     def positions(self, ids: list) -> int:
         """LLM positions of ids: each image placeholder stands for num_image_tokens positions."""
@@ -119,6 +120,9 @@ class ChatSession:
                             keep_cache=True, compile=self.compile)
         # the last sampled token (EOS, or the last of max_new_tokens) is never fed back, so it is not in the cache
         self.cached_ids = ids + sampled[:-1]
+        # stopped by the context's end, not by EOS or --max-new-tokens: the CLI says so
+        self.cut_short = (len(sampled) == limit - needed < self.max_new_tokens
+                          and sampled[-1] != self.model.config.text.eos_token_id)
         answer = self.tokenizer.decode(sampled)
         if stream is not None and answer != shown:
             stream(answer[len(shown):])
@@ -225,6 +229,9 @@ def interactive(session: ChatSession):
         try:
             session.ask(line, stream)
             print()
+            if session.cut_short:
+                print(f"(cut short: the context's {session.model.config.text.max_position_embeddings} positions are "
+                      "full; /reset to start over)")
         except ContextFull as e:
             print(f"{e}: /reset to start over")
 
@@ -291,6 +298,9 @@ def main(argv=None) -> int:
     for question in args.prompt:
         try:
             print(session.ask(question), flush=True)
+            if session.cut_short:
+                print(f"chat.py: that answer was cut short at the end of the context "
+                      f"({model.config.text.max_position_embeddings} positions)", file=sys.stderr)
         except ContextFull as e:
             print(f"chat.py: {e}; ask less or use fewer images", file=sys.stderr)
             return 2

@@ -226,6 +226,27 @@ def test_sampling_is_reproducible_with_a_seed(ours, tokenizer, images):
     assert sampled(0) == sampled(0) != sampled(1)
 
 
+def test_an_answer_that_runs_into_the_end_of_the_context_is_flagged(ours, tokenizer, images, monkeypatch):
+    """The answer gets what is left of the context; stopping there (not at EOS or --max-new-tokens) is said."""
+    _, model = ours
+    monkeypatch.setattr(model.config.text, "eos_token_id", -1)  # no EOS: the answers run as long as allowed
+    session = chat.ChatSession(model, tokenizer, "vicuna_v1", [open_image(images[0])], 40, temperature=0.0)
+    limit = model.config.text.max_position_embeddings
+    question = Q1
+    while True:  # a question that leaves the answer fewer than 40 positions
+        ids = tokenize_prompt(tokenizer, render(CONV_TEMPLATES["vicuna_v1"], [(0, "<image>\n" + question), (1, None)]))
+        if limit - session.positions(ids) < 40:
+            break
+        question = "red " + question
+    left = limit - session.positions(ids)
+    session.ask(question)
+    assert session.cached_ids[:len(ids)] == ids  # the prompt as computed here
+    assert session.cut_short and len(session.cached_ids) - len(ids) + 1 == left  # + the last token, never fed back
+    session.reset()
+    session.ask(Q1)  # 40 tokens, as --max-new-tokens says: not cut short
+    assert not session.cut_short
+
+
 # -----------------------------------------------------------------------------
 # interactive
 
