@@ -257,6 +257,9 @@ def parse_args(argv=None):
                    help="auto: fp16 on cuda, as the official CLI and eval.py, fp32 on cpu (the names train.py "
                         "and eval.py take)")
     args = p.parse_args(argv)
+    flag_values = [image for image in args.images if image.lower() in ("true", "false") and not os.path.exists(image)]
+    if flag_values:  # train.py and bench.py take `--compile true`; here a value would be read as an image
+        p.error(f"{flag_values[0]!r} is not an image: --compile takes no value here (give it alone)")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     try:

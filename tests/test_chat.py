@@ -321,12 +321,13 @@ def test_bad_input_is_one_line_and_exit_code_2(ours, images, tmp_path):
 @pytest.mark.parametrize("option, says", [(["--top-p", "0"], "--top-p 0.0: must be above 0 and at most 1"),
                                           (["--top-p", "1.5"], "--top-p 1.5: must be above 0 and at most 1"),
                                           (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
-                                          (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1")])
+                                          (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                                          (["--compile", "true"], "'true' is not an image: --compile takes no value")])
 def test_sampling_settings_out_of_range_are_usage_errors(option, says, capsys):
     """Not read as something else: a negative temperature would be greedy, top-p 0 would keep no token."""
     from chat import parse_args
     with pytest.raises(SystemExit) as stop:
-        parse_args(["photo.jpg", *option])
+        parse_args([*option, "photo.jpg"])
     assert stop.value.code == 2
     assert says in capsys.readouterr().err
 
