@@ -184,6 +184,28 @@ def check_numbers(cfg: TrainConfig, parser):
                      f"micro-batches of {cfg.micro_batch} (--micro-batch)")
 
 
+# the official scripts' options (llava/train/train.py's dataclasses, HF TrainingArguments) and what stands for each here
+OFFICIAL_OPTIONS = dict(model_name_or_path="--llm", pretrain_mm_mlp_adapter="--projector",
+                        mm_projector_type="--projector-type", data_path="--data", version="--template",
+                        output_dir="--out-dir", learning_rate="--lr", num_train_epochs="--epochs",
+                        model_max_length="--max-len", per_device_train_batch_size="--micro-batch",
+                        gradient_accumulation_steps="--global-batch (accumulation follows from it)",
+                        group_by_modality_length="--group-by-modality", dataloader_num_workers="--num-workers",
+                        max_grad_norm="--grad-clip", save_steps="--save-every", bf16="--dtype bf16",
+                        tune_mm_mlp_adapter="--stage 1")
+
+
+def unknown_option_hint(unknown: list) -> str:
+    """The usage error for options argparse does not know: an official script's name, or ours with underscores."""
+    name = next((arg[2:].split("=")[0] for arg in unknown if arg.startswith("--")), "")
+    ours = {f.name for f in dataclasses.fields(TrainConfig)}
+    if name.replace("-", "_") in ours:
+        return f"unrecognized argument --{name}: did you mean --{name.replace('_', '-')}?"
+    if name in OFFICIAL_OPTIONS:
+        return f"--{name} is the official scripts' option; here: {OFFICIAL_OPTIONS[name]}"
+    return f"unrecognized arguments: {' '.join(unknown)}"
+
+
 def stage1_projector(path: str, parser) -> str:
     """What --projector names: a stage-1 model directory or an official mm_projector.bin; given the stage-1 run's
     directory (ours, or the official one holding mm_projector.bin), what it holds."""
@@ -203,7 +225,10 @@ def resolve_config(argv=None) -> TrainConfig:
         flag = dict(type=parse_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)  # --x: true
         parser.add_argument("--" + f.name.replace("_", "-"), **flag, default=None, metavar=f.type.__name__.upper(),
                             help=f.metadata["help"] + default_help(f))
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_option_hint(unknown))
+    given = {k: v for k, v in vars(known).items() if v is not None}
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("stage", "runs_dir")})
     if cfg.stage not in (0, 1, 2):
         parser.error(f"--stage {cfg.stage}: choose 0 (the toy's base models), 1 or 2")

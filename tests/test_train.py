@@ -605,6 +605,19 @@ def test_projector_given_as_the_stage1_run_or_of_another_type(runs, stage1_model
         assert stop.value.code == 2 and says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, says", [
+    (["--learning_rate", "2e-5"], "--learning_rate is the official scripts' option; here: --lr"),
+    (["--model_max_length", "2048"], "--model_max_length is the official scripts' option; here: --max-len"),
+    (["--global_batch", "8"], "unrecognized argument --global_batch: did you mean --global-batch?"),
+    (["--colour", "red"], "unrecognized arguments: --colour red")])
+def test_an_official_scripts_option_or_ours_with_underscores_names_its_spelling_here(option, says, capsys):
+    """Users port the official scripts' commands: their option names (and ours, underscored) say what to type."""
+    from train import resolve_config
+    with pytest.raises(SystemExit) as stop:
+        resolve_config(["--stage", "2", *option])
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_help_says_what_each_option_does_and_its_stage_defaults(capsys, monkeypatch):
     from train import TrainConfig, resolve_config
     monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap lines, also at hyphens
