@@ -323,8 +323,9 @@ def test_bad_input_is_one_line_and_exit_code_2(ours, images, tmp_path):
                                           (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
                                           (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                           (["--compile", "true"], "'true' is not an image: --compile takes no value")])
-def test_sampling_settings_out_of_range_are_usage_errors(option, says, capsys):
-    """Not read as something else: a negative temperature would be greedy, top-p 0 would keep no token."""
+def test_out_of_range_settings_and_a_value_for_compile_are_usage_errors(option, says, capsys):
+    """Not read as something else: a negative temperature would be greedy, top-p 0 would keep no token, and a value
+    for --compile would be an image."""
     from chat import parse_args
     with pytest.raises(SystemExit) as stop:
         parse_args([*option, "photo.jpg"])
