@@ -166,7 +166,8 @@ def parse_bool(text: str) -> bool:
 def check_numbers(cfg: TrainConfig, parser):
     """Out-of-range numbers are usage errors here, not a traceback (or a silent no-op) minutes later."""
     ranges = dict(lm_steps=(1, None), clip_steps=(1, None))  # stage 0's; stages 1 and 2 take the rest
-    if cfg.stage in (1, 2):
+    training = cfg.stage in (1, 2)
+    if training:
         ranges.update(global_batch=(1, None), micro_batch=(1, None), max_len=(1, None), save_every=(1, None),
                       num_workers=(0, None), max_steps=(0, None), lr=(0, None), weight_decay=(0, None),
                       warmup_ratio=(0, 1))
@@ -175,11 +176,13 @@ def check_numbers(cfg: TrainConfig, parser):
         if value < low or (high is not None and value > high):
             parser.error(f"--{name.replace('_', '-')} {value}: must be " +
                          (f"between {low} and {high}" if high is not None else f"at least {low}"))
-    for name in ("epochs", "grad_clip") if cfg.stage in (1, 2) else ():
+    if not training:
+        return
+    for name in ("epochs", "grad_clip"):
         if not getattr(cfg, name) > 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be above 0")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the same check train() makes, before any loading
-    if cfg.stage in (1, 2) and cfg.global_batch % (world * cfg.micro_batch):
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's ranks; train() relies on this check
+    if cfg.global_batch % (world * cfg.micro_batch):
         parser.error(f"--global-batch {cfg.global_batch} must split into {world} rank{'s' * (world > 1)} × "
                      f"micro-batches of {cfg.micro_batch} (--micro-batch)")
 
@@ -210,11 +213,11 @@ def stage1_projector(path: str, parser) -> str:
     """What --projector names: a stage-1 model directory or an official mm_projector.bin; given the stage-1 run's
     directory (ours, or the official one holding mm_projector.bin), what it holds."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        inside = [os.path.join(path, name) for name in ("model", "mm_projector.bin")]
-        if not any(map(os.path.exists, inside)):
+        inside = [p for p in (os.path.join(path, "model"), os.path.join(path, "mm_projector.bin")) if os.path.exists(p)]
+        if not inside:
             parser.error(f"--projector {path}: neither a stage-1 model directory (<out-dir>/model, not a checkpoint) "
                          "nor an official mm_projector.bin")
-        return next(filter(os.path.exists, inside))
+        return inside[0]
     return path
 
 
@@ -650,7 +653,7 @@ def open_log(path: str, start_step: int):
 # what decides the data order and the arithmetic: a resumed run that changed one would be neither run
 SAME_ON_RESUME = ("stage", "projector_type", "template", "image_aspect_ratio", "max_len", "group_by_modality", "lr",
                   "global_batch", "epochs", "warmup_ratio", "weight_decay", "grad_clip", "seed")
-PATHS = ("llm", "vision_tower", "projector", "data", "image_folder")
+PATHS_ON_RESUME = ("llm", "vision_tower", "projector", "data", "image_folder")  # only warned about
 
 
 def check_same_run(cfg: TrainConfig, path: str, rank: int):
@@ -663,7 +666,7 @@ def check_same_run(cfg: TrainConfig, path: str, rank: int):
     if changed:
         raise CheckpointError(f"--resume: {path} is from a run with other settings ({'; '.join(changed)}); give its "
                               "settings, or --overwrite true to start afresh")
-    for name in PATHS:
+    for name in PATHS_ON_RESUME:
         if saved.get(name) != getattr(cfg, name):
             log(rank, f"warning: --{name.replace('_', '-')} was {saved.get(name)!r} in the run that wrote {path}, "
                       f"now {getattr(cfg, name)!r}")
@@ -787,15 +790,15 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
-    if cfg.resume and checkpoint_dirs(cfg.out_dir):
-        check_same_run(cfg, checkpoint_dirs(cfg.out_dir)[-1], rank)
+    earlier = checkpoint_dirs(cfg.out_dir) if cfg.resume else []
+    resume_from = earlier[-1] if earlier else None  # the newest checkpoint
+    if resume_from:
+        check_same_run(cfg, resume_from, rank)
     tokenizer = load_tokenizer(cfg.llm)
     # the data is checked before the weights' minutes of loading: the configs say how an image becomes positions
     config = LlavaConfig(vision=CLIPVisionConfig.from_hf(read_config(cfg.vision_tower)),
                          text=LlamaConfig.from_hf(read_config(cfg.llm)))
-    assert cfg.global_batch % (world * cfg.micro_batch) == 0, \
-        f"global batch {cfg.global_batch} must split into {world} ranks × micro-batches of {cfg.micro_batch}"
-    accum = cfg.global_batch // (world * cfg.micro_batch)
+    accum = cfg.global_batch // (world * cfg.micro_batch)  # a whole number: resolve_config checked it
     dataset = LazySupervisedDataset(cfg.data, cfg.image_folder, tokenizer, cfg.template,
                                     image_size=config.vision.image_size, image_aspect_ratio=cfg.image_aspect_ratio,
                                     max_len=cfg.max_len, image_tokens=config.num_image_tokens, skip_bad=cfg.skip_bad)
@@ -823,9 +826,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(list(trainable.values()), cfg)
     start_step, skipped = 0, 0
-    if cfg.resume and checkpoint_dirs(cfg.out_dir):
-        start_step, skipped = load_checkpoint(checkpoint_dirs(cfg.out_dir)[-1], model, trainable, optimizer, cfg.fsdp)
-        log(rank, f"resumed from {checkpoint_dirs(cfg.out_dir)[-1]} at step {start_step}")
+    if resume_from:
+        start_step, skipped = load_checkpoint(resume_from, model, trainable, optimizer, cfg.fsdp)
+        log(rank, f"resumed from {resume_from} at step {start_step}")
     model.train()
     model.vision_tower.eval()  # frozen: CLIP's statistics stay as pretrained
     if world > 1 and not cfg.fsdp:
@@ -972,12 +975,13 @@ def main(argv=None):
         raise SystemExit(f"--fsdp on the CPU (gloo) needs torch >= 2.9; this is torch {torch.__version__}")
     if cfg.fsdp and not dist.is_initialized():  # before anything is loaded or trained
         raise SystemExit("--fsdp shards over the ranks of a torchrun launch")
-    toy = cfg.llm == toy_paths(cfg)["llm"]
+    paths = toy_paths(cfg)
+    toy = cfg.llm == paths["llm"]
     if cfg.stage == 2 and toy and cfg.projector and not os.path.isdir(cfg.projector):
         runs_dir = "" if cfg.runs_dir == TrainConfig.runs_dir else f" --runs-dir {cfg.runs_dir}"
         raise SystemExit(f"stage 2 starts from stage 1's projector; run `python train.py --stage 1{runs_dir}` first "
                          f"(no {cfg.projector})")
-    if toy and cfg.stage in (1, 2) and cfg.data != os.path.join(toy_paths(cfg)["world"], f"stage{cfg.stage}.json"):
+    if toy and cfg.stage in (1, 2) and cfg.data != os.path.join(paths["world"], f"stage{cfg.stage}.json"):
         log(rank, f"note: no --llm, so the toy's base models (in {os.path.dirname(cfg.llm)}) train on {cfg.data}, "
                   "with the toy's settings; the real recipe needs --llm and --vision-tower")
     marker = claim_out_dir(cfg, rank) if cfg.stage in (1, 2) else None
