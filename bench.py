@@ -26,7 +26,9 @@ import warnings
 
 import torch
 
-from model import DTYPES, IMAGE_TOKEN_INDEX, Llava, LlavaConfig, hf_state_dict
+from model import IMAGE_TOKEN_INDEX, Llava, LlavaConfig
+from plumbing.checkpoints import hf_state_dict
+from plumbing.cli import DTYPES
 
 
 def timed(fn, device, repeats):
@@ -129,9 +131,7 @@ def first_difference(ours, ids, images, reference, other):
     standard deviations of that step's logits. None where the tokens are equal.
 
     In bf16 every kernel rounds its own way, so two correct implementations keep the same greedy tokens only until
-    the first near tie; an error parts them at a clear choice. Random weights, bf16, 8 layers of width 1024 on the
-    CPU, 64 new tokens: ours and transformers', and our eager and compiled decodes, parted after 3-39 steps, each time
-    at a margin of 0.00-0.04 (a typical step's is 0.17); in fp32 they never parted."""
+    the first near tie; an error parts them at a clear choice (docs/bench.md has what such margins look like)."""
     parted = [(next((k for k, (a, b) in enumerate(zip(r, o)) if a != b), None), i)
               for i, (r, o) in enumerate(zip(reference, other))]
     parted = [(k, i) for k, i in parted if k is not None]
@@ -241,8 +241,8 @@ def bench_training(ours, theirs, args, device, dtype, results, save):
                 for p in trainable:
                     p.grad = None
 
-            # with gradient checkpointing, as the official recipe (--gradient_checkpointing True in both stages) and
-            # issue 7's figures; then without, which saves the forward's recomputation where memory allows it
+            # with gradient checkpointing, as the official recipe (--gradient_checkpointing True in both stages);
+            # then without, which saves the forward's recomputation where memory allows it
             for checkpointing, suffix in ((True, ""), (False, "_no_ckpt")):
                 if side == "ours":
                     model.language_model.gradient_checkpointing = checkpointing
@@ -284,7 +284,7 @@ def with_ratios(results, args):
             ratios[f"stage{stage} tok/s (ours/theirs)"] = ratio(o.get(f"stage{stage}_tok_s"), t.get(f"stage{stage}_tok_s"))
             ratios[f"stage{stage} tok/s without checkpointing (ours/theirs)"] = \
                 ratio(o.get(f"stage{stage}_no_ckpt_tok_s"), t.get(f"stage{stage}_no_ckpt_tok_s"))
-            # issue 7's training target: checkpointing only where it pays, at no more peak memory than theirs with it
+            # what training can reach: checkpointing only where it pays, at no more peak memory than theirs with it
             ratios[f"stage{stage} tok/s (ours without checkpointing/theirs with)"] = \
                 ratio(o.get(f"stage{stage}_no_ckpt_tok_s"), t.get(f"stage{stage}_tok_s"))
     return dict(results, ratios=ratios)
@@ -331,7 +331,7 @@ def main():
 
     def save(measured):
         """After each measure: a progress line, and with --out the results so far in that file, so that a run cut
-        short (by a GPU lease's time limit, say) keeps what it measured."""
+        short (by a time limit, say) keeps what it measured."""
         print(f"bench.py: {measured} measured ({time.time() - started:.0f} s since the start)", file=sys.stderr,
               flush=True)
         if args.out:
@@ -339,8 +339,8 @@ def main():
                 json.dump(with_ratios(results, args), f, indent=2)
             os.replace(args.out + ".tmp", args.out)
 
-    # issue 7's targets first (batch-1 decode, time to first token, training), then the batch-8 decode, which has
-    # none: a run cut short by its time limit loses the least (each new batch size compiles both sides' decode again)
+    # the headline measures first (batch-1 decode, time to first token, training), then the batch-8 decode: a run
+    # cut short by its time limit loses the least (each new batch size compiles both sides' decode again)
     bench_inference(ours, theirs, args, device, dtype, 1, results, save)
     if not args.skip_training:
         bench_training(ours, theirs, args, device, dtype, results, save)

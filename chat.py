@@ -1,4 +1,4 @@
-"""Chat with a LLaVA-1.5 model about images in the terminal (official llava/serve/cli.py, spec §10).
+"""Chat with a LLaVA-1.5 model about images in the terminal (official llava/serve/cli.py).
 
     python chat.py photo.jpg                                   # the model train.py wrote last (runs/LATEST)
     python chat.py photo.jpg --model llava-v1.5-7b --vision-tower clip-vit-large-patch14-336  # original layout
@@ -10,26 +10,20 @@ about other images (as the official CLI, a conversation is about the images it s
 with the same images; /quit or Ctrl-D ends (exit 0); Ctrl-C ends at once (exit 130). Scripted (-p, repeatable): one
 turn per -p, only the answers on stdout, one after another.
 
-As official, the first turn is "<image>\\n" + question (one "<image>\\n" per image, in command-line order), an answer
-enters the history as its decoded text, and generation stops at EOS. The template: --conv-mode if given; for our
-checkpoints the one they were trained with (train_config.json), except that a stage-1 model, trained with `plain`
-(image then caption, no questions), gets `vicuna_v1`, the chat format of its Vicuna LLM and of stage 2; otherwise the
-official CLI's choice from the model's name, `llava_v1` for v1.5 (a Hugging Face cache's models--ORG--NAME/snapshots/
-HASH is named NAME), which a directory named otherwise still gets where its config shows LLaVA-1.5's MLP projector.
+As official, the first turn is "<image>\\n" + question (one per image, in command-line order), an answer enters the
+history as its decoded text, and generation stops at EOS. The template is the one the official CLI picks from the
+model's name (our models: the one they were trained with; --conv-mode overrides it).
 
-The KV cache lives across turns. Each turn renders the whole conversation with the template, but only the tokens
-after the longest prefix already in the cache are prefilled: normally the end of the last answer and the new
-question. A bad image, model or over-long conversation is reported in one line (exit 2), never a traceback.
+The KV cache lives across turns: each turn renders the whole conversation with the template, but only the tokens
+after the longest prefix already in the cache are prefilled, normally the end of the last answer and the new question.
 """
 
 import argparse
-import json
 import os
 import shlex
 import sys
 
 import torch
-from safetensors import SafetensorError
 
 try:
     import readline  # noqa: F401  line editing and history for input(), where the platform has it
@@ -37,23 +31,20 @@ except ImportError:
     pass
 
 from clip import preprocess_image
-from data import CONV_TEMPLATES, IMAGE_MARKER, DataError, conv_mode_for, load_tokenizer, open_image, render, \
-    tokenize_prompt
-from llama import check_sampling
-from model import DTYPES, IMAGE_TOKEN_INDEX, CheckpointError, load_llava, read_config
+from data import CONV_TEMPLATES, render, tokenize_prompt
+from model import IMAGE_MARKER, IMAGE_TOKEN_INDEX
+from plumbing.checkpoints import CheckpointError, latest_model, load_for_inference
+from plumbing.cli import DTYPES, check_sampling, resolve_device, resolve_dtype
+from plumbing.files import DataError, open_local_image
 
-LATEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "LATEST")  # written by train.py
+RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")  # train.py writes runs/LATEST
 COMMANDS = "commands: /image PATH [PATH ...] (a new conversation about other images), /reset, /quit"
 
 # -----------------------------------------------------------------------------
 # the conversation
 
 
-class ChatError(Exception):
-    """Something the user must fix; printed as one line."""
-
-
-class ContextFull(ChatError):
+class ContextFull(Exception):
     def __init__(self, needed: int, limit: int):
         super().__init__(f"context full ({needed} of {limit} positions)")
 
@@ -129,59 +120,6 @@ class ChatSession:
         answer = answer.strip().replace(IMAGE_MARKER, "")
         self.messages = messages[:-1] + [(1, answer)]
         return answer
-
-
-# -----------------------------------------------------------------------------
-# loading
-
-
-def open_local_image(path: str):
-    """The official CLI also fetches http(s) images; this one reads files only, and says so."""
-    if path.startswith(("http://", "https://")):
-        raise DataError(f"{path}: a URL; chat.py reads image files (download it first)")
-    return open_image(path)
-
-
-def choose_template(model_dir: str) -> str:
-    """The template a model chats in, when --conv-mode does not say (see the module docstring)."""
-    train_config = os.path.join(model_dir, "train_config.json")
-    if os.path.isfile(train_config):  # ours
-        with open(train_config) as f:
-            template = json.load(f)["template"]
-        return "vicuna_v1" if template == "plain" else template
-    path = os.path.abspath(model_dir)
-    if os.path.basename(os.path.dirname(path)) == "snapshots":  # a Hugging Face cache: models--ORG--NAME/snapshots/HASH
-        path = os.path.basename(os.path.dirname(os.path.dirname(path))).split("--")[-1]
-    # official rule on the name; llava-hf spells v1.5 "llava-1.5-7b-hf", where the rule looks for "v1"
-    template = conv_mode_for(os.path.basename(path).lower().replace("llava-1.5", "llava-v1.5"))
-    if template == "llava_v0" and os.path.isfile(os.path.join(model_dir, "config.json")):
-        config = read_config(model_dir)
-        # LLaVA-1.5's two-layer MLP projector (v0 and v1 had a linear one; every llava-hf LLaVA has the MLP)
-        if config.get("mm_projector_type") == "mlp2x_gelu" or config.get("model_type") == "llava":
-            return "llava_v1"
-    return template
-
-
-def load_model(model_dir: str, vision_tower, device, dtype):
-    """(model, tokenizer, automatic template); a bad directory raises ChatError with one line saying why."""
-    if not os.path.isdir(model_dir):
-        raise ChatError(f"{model_dir}: no such model directory")
-    try:
-        read_config(model_dir)  # what is quick to find missing, before the weights' minutes: a config, a tokenizer
-        tokenizer = load_tokenizer(model_dir)
-        return load_llava(model_dir, vision_tower, dtype, device), tokenizer, choose_template(model_dir)
-    except (CheckpointError, OSError, ValueError, KeyError, AssertionError, SafetensorError) as e:
-        # the loaders' checks (unsupported configs are asserts), damaged files and JSON, a missing tokenizer
-        message = str(e) or type(e).__name__
-        raise ChatError(message if model_dir in message else f"{model_dir}: {message}") from None
-
-
-def latest_model() -> str:
-    if not os.path.isfile(LATEST):
-        raise ChatError(f"no trained model ({LATEST} is missing): train one with `python train.py --stage 1`, "
-                        "or pass --model DIR")
-    with open(LATEST) as f:
-        return f.read().strip()
 
 
 # -----------------------------------------------------------------------------
@@ -264,17 +202,10 @@ def parse_args(argv=None):
         p.error("--max-new-tokens must be at least 1")
     try:
         check_sampling(args.temperature, args.top_p)
-    except ValueError as e:
+        args.device = resolve_device(args.device)
+    except argparse.ArgumentTypeError as e:
         p.error(str(e))
-    try:
-        args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                                   else args.device)
-    except RuntimeError as e:
-        p.error(f"--device: {e}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device: no CUDA device here")
-    args.dtype = (torch.float16 if args.device.type == "cuda" else torch.float32) if args.dtype == "auto" else \
-        DTYPES[args.dtype]
+    args.dtype = resolve_dtype(args.dtype, args.device)
     return args
 
 
@@ -282,9 +213,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         images = [open_local_image(path) for path in args.images]  # before the model, which may take minutes
-        model_dir = args.model or latest_model()
-        model, tokenizer, template = load_model(model_dir, args.vision_tower, args.device, args.dtype)
-    except (DataError, ChatError) as e:  # DataError names a missing, corrupt or oversized image
+        model_dir = args.model or latest_model(RUNS)
+        model, tokenizer, template = load_for_inference(model_dir, args.vision_tower, args.dtype, args.device)
+    except (DataError, CheckpointError, FileNotFoundError) as e:  # each names the image or model at fault
         print(f"chat.py: {e}", file=sys.stderr)
         return 2
     if args.conv_mode and args.conv_mode != template:  # as official: say so

@@ -4,7 +4,7 @@ Reproduces the vision half of OpenAI CLIP (Radford et al. 2021) in the layout of
 (so official checkpoints load with no renaming), and LLaVA-1.5's `process_images` (llava/mm_utils.py) on top of
 `CLIPImageProcessor`. LLaVA never uses CLIP's pooled output: it takes the *patch tokens of the second-to-last layer*
 (`mm_vision_select_layer = -2`), because the last layer is trained to feed the contrastive pooled embedding and is
-less general (LLaVA paper §4.1; spec §4).
+less general (LLaVA paper §4.1; llava/model/multimodal_encoder/clip_encoder.py).
 
 Shapes: B images, C = hidden size (1024 for ViT-L), P = patches per side (336 / 14 = 24), N = P*P + 1 positions
 (577: the class token, then the patches in row-major order).

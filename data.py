@@ -1,48 +1,34 @@
-"""LLaVA-1.5 training data: chat templates, tokenization with label masking, images, batches, and the toy world.
+"""LLaVA-1.5 training data: chat templates, tokenization with label masking, datasets, batches and the sampler.
 
-Reproduces the official data path (haotian-liu/LLaVA, spec §1-3, 8, 9):
+Reproduces the official data path (haotian-liu/LLaVA):
 - llava/conversation.py: the conversation templates and their exact prompt strings;
 - llava/mm_utils.py `tokenizer_image_token`: one IMAGE_TOKEN_INDEX per "<image>" in the token ids;
 - llava/train/train.py `preprocess_multimodal`, `preprocess_plain`, `preprocess_v1` / `_llama_2` / `_mpt`,
   `LazySupervisedDataset` and `DataCollatorForSupervisedDataset`;
 - llava/train/llava_trainer.py `group_by_modality_length`: batches that hold only image or only text-only samples.
 
-Where the official code fails silently we raise `DataError` instead: a label/token mismatch cannot happen here by
-construction (and is checked), a bad sample names its id and file, and truncation never cuts inside an image.
-
-The last section generates the toy world: a small synthetic dataset of coloured shapes, in the official file
-formats and with a LLaMA-style tokenizer, so the whole pipeline runs on a laptop in minutes.
+Where the official code fails silently (a "tokenization mismatch" masks a whole sample), a bad sample here is a
+DataError naming its id and file; the checks live in plumbing/files.py, where the data is read. Tokenizer files are
+read by plumbing/tokenizer.py; the toy world's data is made by toy.py.
 
 Shapes: T tokens of a sample (each image is one IMAGE_TOKEN_INDEX), B samples in a batch, S image side in pixels.
 """
 
 import bisect
-import gc
-import itertools
-import json
-import os
-import random
-import shutil
-import struct
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 
 from clip import preprocess_image
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from model import IGNORE_INDEX, IMAGE_MARKER, IMAGE_TOKEN_INDEX
+from plumbing.files import (MAX_PIXELS, DataError, check_conversation, check_record, check_round_separators,
+                            missing_images, open_image, read_records)
+from plumbing.tokenizer import BOS_ID, PAD_ID
 
-IMAGE_MARKER = "<image>"  # official DEFAULT_IMAGE_TOKEN: where an image goes in the text
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # the suffix of LLaVA-1.5's short-answer data
-
-
-class DataError(Exception):
-    """A bad sample or data file. The message names the sample id and the file (and line) it came from."""
-
 
 # -----------------------------------------------------------------------------
 # conversation templates (llava/conversation.py)
@@ -117,135 +103,6 @@ def render(conv: Conversation, messages: list) -> str:
     return prompt
 
 
-def conv_mode_for(model_name: str) -> str:
-    """The template the official CLI picks from a model's name or path (llava/serve/cli.py), e.g.
-    "liuhaotian/llava-v1.5-7b" -> "llava_v1". Note the v1.5 eval scripts pass "vicuna_v1" instead."""
-    parts = model_name.strip("/").split("/")
-    # official get_model_name_from_path: ".../llava-x/checkpoint-500" is named "llava-x_checkpoint-500"
-    name = "_".join(parts[-2:]) if parts[-1].startswith("checkpoint-") else parts[-1]
-    for key, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"),
-                      ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt")):
-        if key in name.lower():
-            return mode
-    return "llava_v0"
-
-
-# -----------------------------------------------------------------------------
-# tokenizer: LLaMA's SentencePiece BPE, run by the `tokenizers` library
-
-UNK, BOS, EOS = "<unk>", "<s>", "</s>"
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # LLaMA's ids; official training pads with <unk> (pad_token = unk_token)
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """A LLaMA tokenizer from a directory (or file): its tokenizer.json, else the SentencePiece tokenizer.model."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path / "tokenizer.model"
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {path.parent}; copy them from the model's "
-                                "checkpoint directory (e.g. lmsys/vicuna-7b-v1.5 on the Hugging Face hub)")
-    tokenizer = tokenizer_from_sentencepiece(path) if path.suffix == ".model" else Tokenizer.from_file(str(path))
-    if tokenizer.encode(EOS + "a").tokens[-1] == "a":
-        # saved without the legacy behaviour (transformers' legacy=False: a Metaspace pre-tokenizer that puts "▁" only
-        # at the start of the text), it reads "</s>USER" as "USER", where LLaVA-1.5 was trained on "▁US ER" (spec §2)
-        _legacy_text_handling(tokenizer)
-    for piece, want in ((UNK, PAD_ID), (BOS, BOS_ID), (EOS, EOS_ID)):
-        if tokenizer.token_to_id(piece) != want:
-            raise ValueError(f"{path}: {piece} has id {tokenizer.token_to_id(piece)}; a LLaMA tokenizer has {want}")
-    if tokenizer.encode("a").ids[0] != BOS_ID:
-        raise ValueError(f"{path}: the tokenizer must add {BOS} itself, as LLaMA's does")
-    return tokenizer
-
-
-def save_llava_tokenizer(llm_dir, directory, image_token_index: int):
-    """The LLM's tokenizer files in a llava-hf model directory, with "<image>" added at image_token_index as
-    transformers' converter adds it (spec §7): its LlavaProcessor expands that token into the image's positions.
-    Our own pipeline never needs it, since it splits prompts at "<image>" before tokenizing."""
-    for name in os.listdir(llm_dir):
-        if name.startswith(("tokenizer", "special_tokens_map")):
-            shutil.copy(os.path.join(llm_dir, name), directory)
-    tokenizer = load_tokenizer(llm_dir)
-    if tokenizer.token_to_id(IMAGE_MARKER) is None:
-        tokenizer.add_special_tokens([AddedToken(IMAGE_MARKER, normalized=False, special=True)])
-    if tokenizer.token_to_id(IMAGE_MARKER) != image_token_index:
-        raise ValueError(f"{llm_dir}: its tokenizer gives {IMAGE_MARKER} the id {tokenizer.token_to_id(IMAGE_MARKER)}, "
-                         f"the model {image_token_index}")
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-
-
-def _llama_tokenizer(vocab: dict, merges: list) -> Tokenizer:
-    """A BPE tokenizer built as transformers' LlamaConverter builds LLaMA's tokenizer.json (legacy behaviour, which
-    LLaVA-1.5 was trained with): "▁" is prepended and every space becomes "▁" (SentencePiece's dummy prefix),
-    characters outside the vocabulary fall back to their UTF-8 bytes <0x..>, and <s> is put in front."""
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True, byte_fallback=True))
-    _legacy_text_handling(tokenizer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, BOS_ID)])
-    tokenizer.add_special_tokens([AddedToken(piece, normalized=False, special=True) for piece in (UNK, BOS, EOS)])
-    return tokenizer
-
-
-def _legacy_text_handling(tokenizer: Tokenizer):
-    """LLaMA's legacy normalizer and decoder: each stretch of text between special tokens gets its own "▁" in front
-    and its spaces become "▁"; decoding undoes it."""
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tokenizer.pre_tokenizer = None
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-
-
-def _protobuf_fields(buf: bytes):
-    """(field number, value) of each field of a serialized protobuf message; value is an int or bytes."""
-
-    def varint(i):
-        value = shift = 0
-        while True:
-            byte = buf[i]
-            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
-            if byte < 0x80:
-                return value, i
-
-    i = 0
-    while i < len(buf):
-        key, i = varint(i)
-        wire = key & 7
-        if wire == 0:
-            value, i = varint(i)
-        elif wire == 2:  # length-delimited: strings and sub-messages
-            n, i = varint(i)
-            value, i = buf[i:i + n], i + n
-        elif wire in (1, 5):  # fixed 64 / 32 bits
-            n = 8 if wire == 1 else 4
-            value, i = buf[i:i + n], i + n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield key >> 3, value
-
-
-def tokenizer_from_sentencepiece(path) -> Tokenizer:
-    """The tokenizers-library equivalent of a LLaMA SentencePiece tokenizer.model, read without sentencepiece.
-
-    The file is a ModelProto whose field 1 lists the pieces in id order, each {1: piece, 2: score (float32),
-    3: type}. BPE merges are not stored: as LlamaConverter does, every split of a piece into two pieces is a merge,
-    ranked by the merged piece's score (SentencePiece applies the highest-scoring merge first)."""
-    pieces, scores = [], []
-    for field, value in _protobuf_fields(Path(path).read_bytes()):
-        if field == 1:
-            piece = dict(_protobuf_fields(value))
-            pieces.append(piece[1].decode())
-            scores.append(struct.unpack("<f", piece.get(2, bytes(4)))[0])
-    if pieces[:3] != [UNK, BOS, EOS]:
-        raise ValueError(f"{path}: expected {UNK}, {BOS}, {EOS} as pieces 0-2, found {pieces[:3]}")
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    merges = []
-    for piece, score in zip(pieces, scores):
-        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges += [(left, right, score) for left, right in sorted(splits, key=lambda s: (vocab[s[0]], vocab[s[1]]))]
-    merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep piece order, as in the converter
-    return _llama_tokenizer(vocab, [(left, right) for left, right, _ in merges])
-
-
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Token ids of a prompt with one IMAGE_TOKEN_INDEX per "<image>" (official tokenizer_image_token).
 
@@ -278,38 +135,16 @@ def tokenize_with_offsets(tokenizer: Tokenizer, prompt: str, images: bool = True
 
 
 def to_messages(conversations: list, has_image: int) -> list[tuple[int, str]]:
-    """LLaVA JSON turns [{"from": "human"|"gpt", "value": text}, ...] -> [(0|1, text), ...], checked. has_image: the
-    sample's number of images (or a bool).
+    """LLaVA JSON turns [{"from": "human"|"gpt", "value": text}, ...] -> [(0|1, text), ...]. has_image: the sample's
+    number of images (or a bool).
 
     As official preprocess_multimodal, in an image sample a turn's "<image>" moves to its front: "Q\\n<image>" becomes
     "<image>\\nQ", and several markers in the turn of a one-image sample become that one. (With several images, our
     extension, a turn's markers stay as written unless there is one.) In a sample without an image, "<image>" is
     text."""
-    others = {str(turn.get("from")) for turn in conversations if isinstance(turn, dict)} - {"human", "gpt"}
-    if others:  # e.g. OpenAI's "user" and "assistant" (official preprocess fails on them with a KeyError)
-        raise DataError(f"turns come \"from\" human or gpt, as in LLaVA's data, not {', '.join(sorted(others))}")
-    if conversations and isinstance(conversations[0], dict) and conversations[0].get("from") != "human":
-        conversations = conversations[1:]  # official: a conversation that opens with the assistant loses that turn
-    if not conversations or len(conversations) % 2:
-        raise DataError(f"{len(conversations)} turns: a conversation is pairs of human and gpt turns")
     messages = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or turn.get("from") != ("human", "gpt")[i % 2]:
-            raise DataError(f"turn {i} is {turn!r:.80}: turns must alternate human, gpt, human, gpt, ...")
-        text = turn.get("value")
-        if not isinstance(text, str):
-            raise DataError(f"turn {i} has no text")
-        # official get_prompt renders an empty message as its role alone ("USER:"); an empty question then glues
-        # "USER:ASSISTANT:", which the official round count misses, so it masks the whole sample (we skip it)
-        if i % 2 == 0 and not text:
-            raise DataError(f"turn {i}: empty question")
-        # an empty answer before the last merges its round into the next, whose answer still trains, as official
-        # ("USER: Q1 ASSISTANT:USER: Q2 ASSISTANT: A2</s>"); an empty last answer leaves nothing to train, and a
-        # blank one ("  ") would teach blank answers, so those skip the sample
-        if i % 2 and not text.strip() and (text or i == len(conversations) - 1):
-            raise DataError(f"turn {i}: empty answer")
-        if i % 2 and has_image and IMAGE_MARKER in text:
-            raise DataError(f"turn {i}: {IMAGE_MARKER} in an answer")
+    for i, turn in enumerate(check_conversation(conversations, has_image)):
+        text = turn["value"]
         if has_image and IMAGE_MARKER in text and (has_image == 1 or text.count(IMAGE_MARKER) == 1):
             text = (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
         messages.append((i % 2, text))
@@ -334,14 +169,7 @@ def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_ima
     if conv.style == "single":
         raise ValueError(f"{template!r} is for inference only here; train with 'plain' or a v1-style template")
     if conv.style == "two":
-        # official preprocess_v1 finds the rounds by cutting the prompt at these strings, so a message holding one
-        # throws its count off ("tokenization mismatch") and the whole sample is masked; an answer holding "</s>"
-        # would otherwise teach the model to stop there
-        for _, text in messages:
-            for cut in (conv.sep2, conv.sep + conv.roles[1] + ": "):
-                if cut in text:
-                    raise DataError(f"{cut!r} in a message: the official preprocessing cuts rounds there and masks "
-                                    "the whole sample")
+        check_round_separators(messages, (conv.sep2, conv.sep + conv.roles[1] + ": "))
     prompt = render(conv, messages)
     input_ids, starts, ends = tokenize_with_offsets(tokenizer, prompt, images=bool(has_image))
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -386,66 +214,7 @@ def truncate(input_ids: list, labels: list, max_len: int, image_tokens: int):
 
 
 # -----------------------------------------------------------------------------
-# images
-
-MAX_PIXELS = 8192 * 8192  # far beyond any LLaVA training image, far below what would exhaust memory
-
-
-def open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and decode an image file (or a file object, named by its .name). A missing or corrupt file, or a
-    "decompression bomb" (a small file that decodes to a huge image), raises DataError naming the file. The size is
-    checked from the header, before decoding; Pillow's own bomb check (from 89M pixels) is turned into the same
-    error."""
-    name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as file:
-                width, height = file.size
-                if width * height > max_pixels:
-                    raise DataError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} pixels "
-                                    "(a decompression bomb?)")
-                file.load()
-                return file.copy()  # a copy keeps the pixels after the file is closed
-    except FileNotFoundError:
-        raise DataError(f"{name}: image file not found") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{name}: decompression bomb: {e}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # whatever Pillow raises on a bad file
-        raise DataError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from None
-
-
-# -----------------------------------------------------------------------------
 # dataset, batches and the modality-grouped sampler
-
-
-def _read_records(path: Path) -> tuple[list, list | None]:
-    """The samples of a LLaVA JSON file (one list) or JSONL file (one sample per line; with their line numbers)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            jsonl = " (one sample per line is JSONL: name the file .jsonl)" if e.msg == "Extra data" else ""
-            raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{jsonl}") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: a LLaVA JSON file holds a list of samples")
-        return records, None
-    records, line_numbers = [], []
-    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:  # kept, to fail (or be skipped) in __getitem__ like any bad sample
-                records.append(DataError(f"invalid JSON ({e.msg} at column {e.colno})"))
-            line_numbers.append(n)
-    return records, line_numbers
-
-
-def _image_files(record: dict):
-    """A sample's "image" as a list: one path, a list of paths, or none (anything else is left for the caller)."""
-    files = record.get("image") or []
-    return [files] if isinstance(files, str) else files
 
 
 class LazySupervisedDataset(torch.utils.data.Dataset):
@@ -461,19 +230,11 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def __init__(self, data_path, image_folder, tokenizer: Tokenizer, template: str, image_size: int = 336,
                  image_aspect_ratio: str = "pad", max_len: int = 2048, image_tokens: int = 576,
                  skip_bad: bool = False, max_pixels: int = MAX_PIXELS):
-        if template not in CONV_TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; one of {sorted(CONV_TEMPLATES)}")
         self.data_path, self.image_folder = Path(data_path), Path(image_folder)
         self.tokenizer, self.template = tokenizer, template
         self.image_size, self.image_aspect_ratio, self.max_pixels = image_size, image_aspect_ratio, max_pixels
         self.max_len, self.image_tokens, self.skip_bad = max_len, image_tokens, skip_bad
-        collecting = gc.isenabled()
-        gc.disable()  # parsing makes millions of objects, which the cycle collector would rescan again and again
-        try:
-            self.records, self.line_numbers = _read_records(self.data_path)  # (665k samples: 2 s instead of 6)
-        finally:
-            if collecting:
-                gc.enable()
+        self.records, self.line_numbers = read_records(self.data_path)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -491,15 +252,8 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             lengths.append(max(n, 1) if isinstance(record, dict) and record.get("image") else -max(n, 1))
         return lengths
 
-    def missing_images(self, probes: int = 1000) -> tuple[int, list[str]]:
-        """(how many image files were looked for, those missing) over up to `probes` image samples spread evenly
-        through the file: a quick look, before training, for a wrong image_folder or a subfolder left out, which
-        skip_bad would otherwise turn into a run that silently learns from fewer images, or none."""
-        files = []
-        for record in self.records[::max(1, len(self.records) // probes)]:
-            if isinstance(record, dict):  # a malformed record fails (or is skipped) in __getitem__
-                files += [f for f in _image_files(record) if isinstance(f, str)]
-        return len(files), [f for f in files if not (self.image_folder / f).is_file()]
+    def missing_images(self) -> tuple[int, list[str]]:
+        return missing_images(self.records, self.image_folder)
 
     def __getitem__(self, i: int) -> dict | None:
         record = self.records[i]
@@ -515,13 +269,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             return None
 
     def _sample(self, record, sample_id: str) -> dict | None:
-        if isinstance(record, DataError):
-            raise record
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise DataError("a sample is a JSON object with a list of conversations")
-        files = _image_files(record)
-        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-            raise DataError(f"image must be a path or a list of paths, not {files!r:.80}")
+        files = check_record(record)
         input_ids, labels = preprocess(record["conversations"], self.tokenizer, self.template, len(files))
         if files and IMAGE_TOKEN_INDEX not in input_ids:
             files = []  # official: the image is encoded, then left out (image_features[0:0]): the sample is text
@@ -595,7 +343,7 @@ def _even_chunks(indices: list, lengths: list, n_chunks: int) -> list[list]:
 
 
 class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
-    """Official group_by_modality_length (spec §8): every global batch holds only image samples or only text-only
+    """Official group_by_modality_length (llava/train/llava_trainer.py): every global batch holds only image samples or only text-only
     samples (which speeds up training, official README: ~25%), and the ranks' micro-batches have similar total lengths.
 
     batch_size is one step's global batch: num_replicas x micro_batch (x gradient-accumulation steps). Each modality
@@ -666,294 +414,3 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
             image, text = sizes(n_image), sizes(len(self.lengths) - n_image)
             batch_sizes = image[:-1] + text[:-1] + [image[-1] + text[-1]]
         return sum(-(-size // self.num_replicas) for size in batch_sizes)
-
-
-# -----------------------------------------------------------------------------
-# the toy world: coloured shapes on plain backgrounds, in the official file formats
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 230), "yellow": (240, 210, 30),
-           "purple": (140, 50, 190), "orange": (250, 140, 20)}
-BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-SHAPES = ("circle", "square", "triangle", "cross")
-POSITIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78)}  # centre x, y
-SIZES = {"small": 0.16, "large": 0.21}  # radius, as a fraction of the shorter side (large diagonal squares may touch)
-CANVASES = ((64, 64), (64, 64), (64, 64), (64, 48), (48, 64))  # some non-square, to exercise the padding
-EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no")
-# how often stage 2 asks each kind of question: count (read off the whole image, learned first) and size (which the
-# eval never asks) half as often as the look-ups, which find an object by one attribute and read another
-QUESTION_WEIGHTS = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=1)
-CAPTION_INSTRUCTIONS = ("Describe the image concisely.", "Give a brief description of the image.",
-                        "Render a clear and concise summary of the photo.", "What is in this picture?")
-COLOUR_MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
-OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "large": "small", "small": "large"}
-
-
-def _scene(rng: random.Random) -> dict:
-    """1-3 objects, no two sharing a colour, a shape or a position, so every question has one answer."""
-    n = rng.randint(1, 3)
-    # captions and descriptions name the objects in this random order: listed by place (left, right, top, bottom),
-    # they gave each place away by its rank, and models never learned where a given object is (docs/toy_accuracy.md)
-    objects = [dict(colour=c, shape=s, position=p, size=rng.choice(list(SIZES)), dx=rng.randint(-1, 1),
-                    dy=rng.randint(-1, 1))
-               for c, s, p in zip(rng.sample(list(COLOURS), n), rng.sample(SHAPES, n), rng.sample(list(POSITIONS), n))]
-    return dict(background=rng.choice(list(BACKGROUNDS)), canvas=rng.choice(CANVASES), objects=objects)
-
-
-def _scene_key(scene: dict) -> tuple:  # what a scene shows, up to a pixel of jitter and the order it is told in
-    return scene["background"], scene["canvas"], tuple(sorted((o["colour"], o["shape"], o["position"], o["size"])
-                                                              for o in scene["objects"]))
-
-
-def _draw(scene: dict) -> Image.Image:
-    w, h = scene["canvas"]
-    image = Image.new("RGB", (w, h), BACKGROUNDS[scene["background"]])
-    draw = ImageDraw.Draw(image)
-    for o in scene["objects"]:
-        fx, fy = POSITIONS[o["position"]]
-        x, y, r, fill = fx * w + o["dx"], fy * h + o["dy"], SIZES[o["size"]] * min(w, h), COLOURS[o["colour"]]
-        if o["shape"] == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill)
-        elif o["shape"] == "square":
-            draw.rectangle((x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r), fill)  # about a circle's area
-        elif o["shape"] == "triangle":
-            draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill)
-        else:  # cross
-            draw.rectangle((x - r, y - 0.35 * r, x + r, y + 0.35 * r), fill)
-            draw.rectangle((x - 0.35 * r, y - r, x + 0.35 * r, y + r), fill)
-    return image
-
-
-def _a(colour: str) -> str:  # "a red", "an orange"
-    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour}"
-
-
-def place_phrase(position: str) -> str:  # "on the left", "at the top"
-    return f"{'at' if position in ('top', 'bottom') else 'on'} the {position}"
-
-
-def _caption(scene: dict) -> str:  # "a red circle on the left and a blue square at the top on a white background"
-    names = [f"{_a(o['colour'])} {o['shape']} {place_phrase(o['position'])}" for o in scene["objects"]]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"{listed} on a {scene['background']} background"
-
-
-def _description(scene: dict) -> str:
-    n = len(scene["objects"])
-    sentences = [f"There {'is 1 object' if n == 1 else f'are {n} objects'} on a {scene['background']} background."]
-    for o in scene["objects"]:
-        sentences.append(f"A {o['size']} {o['colour']} {o['shape']} is {place_phrase(o['position'])}.")
-    return " ".join(sentences)
-
-
-def _question(scene: dict, category: str, rng: random.Random) -> tuple[str, str, str]:
-    """(question, one-word answer, full-sentence answer) about a scene."""
-    o, background = rng.choice(scene["objects"]), scene["background"]
-    name = f"{o['colour']} {o['shape']}"
-    if category == "colour" and rng.random() < 0.2:
-        return "What colour is the background?", background, f"The background is {background}."
-    if category == "colour":
-        return f"What colour is the {o['shape']}?", o["colour"], f"The {o['shape']} is {o['colour']}."
-    if category == "shape":
-        return f"What shape is the {o['colour']} object?", o["shape"], f"The {o['colour']} object is a {o['shape']}."
-    if category == "count":
-        n = len(scene["objects"])
-        return "How many objects are there?", str(n), f"There {'is 1 object' if n == 1 else f'are {n} objects'}."
-    if category == "position":
-        return f"Where is the {name}?", o["position"], f"The {name} is {place_phrase(o['position'])}."
-    if category == "size":
-        return f"Is the {name} large or small?", o["size"], f"The {name} is {o['size']}."
-    if rng.random() < 0.5:  # yes_no, balanced
-        return f"Is there {_a(name)}?", "yes", f"Yes, there is {_a(name)}."
-    present = {(p["colour"], p["shape"]) for p in scene["objects"]}
-    colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
-    return f"Is there {_a(colour)} {shape}?", "no", f"No, there is no {colour} {shape}."
-
-
-def _fact(rng: random.Random) -> tuple[str, str, str]:
-    """A text-only question about the world's vocabulary: (question, one-word answer, sentence answer)."""
-    kind = rng.randrange(4)
-    if kind == 0:
-        (a, b), mix = rng.choice(list(COLOUR_MIXES.items()))
-        return f"What colour do you get when you mix {a} and {b}?", mix, f"Mixing {a} and {b} gives {mix}."
-    if kind == 1:
-        shape, sides = rng.choice([("triangle", 3), ("square", 4)])
-        return f"How many sides does a {shape} have?", str(sides), f"A {shape} has {sides} sides."
-    if kind == 2:
-        word = rng.choice(list(COLOURS) + list(SHAPES))
-        what = "colour" if word in COLOURS else "shape"
-        return f"Is {word} a colour or a shape?", what, f"{word.capitalize()} is a {what}."
-    word, opposite = rng.choice(list(OPPOSITES.items()))
-    return f"What is the opposite of {word}?", opposite, f"The opposite of {word} is {opposite}."
-
-
-def _with_image(question: str, rng: random.Random) -> str:  # the marker comes first or last, as in the real data
-    return f"{IMAGE_MARKER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_MARKER}"
-
-
-def _turns(pairs: list) -> list[dict]:
-    return [dict(zip(("from", "value"), turn)) for q, a in pairs for turn in (("human", q), ("gpt", a))]
-
-
-def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.Random) -> dict:
-    """One mix665k-style sample: questions about one image, a description, a text-only chat, or two images.
-    objects_so_far: the running total of the scenes' object counts."""
-    short = rng.random() < 0.5  # like the VQA parts of mix665k: one-word answers with the SHORT_ANSWER suffix
-    kind = rng.choices(("qa", "describe", "text", "two_images"), weights=(60, 15, 15, 10))[0]
-    if kind == "qa":  # a scene in proportion to its objects: a lone object needs no finding (docs/toy_accuracy.md)
-        k = rng.choices(range(len(scenes)), cum_weights=objects_so_far)[0]
-    else:
-        k = rng.randrange(len(scenes))
-    if kind == "text":
-        facts = [_fact(rng) for _ in range(rng.randint(1, 2))]
-        return dict(conversations=_turns([(q + SHORT_ANSWER, w) if short else (q, s) for q, w, s in facts]))
-    if kind == "describe":
-        question, answer = rng.choice([("Describe the image in detail.", _description(scenes[k])),
-                                       ("Describe the image briefly.", _caption(scenes[k]).capitalize() + ".")])
-        return dict(image=files[k], conversations=_turns([(_with_image(question, rng), answer)]))
-    if kind == "two_images":
-        j = rng.choice([j for j in range(len(scenes)) if j != k])
-        a, b = scenes[k]["background"], scenes[j]["background"]
-        question, word, sentence = rng.choice([
-            ("Do the two images have the same background?", "yes" if a == b else "no",
-             f"Yes, both backgrounds are {a}." if a == b else f"No, the first is {a} and the second is {b}."),
-            ("How many objects are there in the two images together?",
-             str(len(scenes[k]["objects"]) + len(scenes[j]["objects"])),
-             f"There are {len(scenes[k]['objects']) + len(scenes[j]['objects'])} objects."),
-            ("What colour is the background of the second image?", b, f"The second background is {b}.")])
-        question = f"{IMAGE_MARKER}\n{IMAGE_MARKER}\n{question}"
-        return dict(image=[files[k], files[j]],
-                    conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)]))
-    # several questions about the image, as mix665k's VQA samples: the image's tokens (and the system prompt) are
-    # paid for once, and each question is one more lesson in finding an object by one attribute and reading another
-    asked = {}
-    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=rng.randint(3, 8)):
-        q, w, s = _question(scenes[k], category, rng)
-        asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
-    pairs = list(asked.values())
-    pairs[0] = (_with_image(pairs[0][0], rng), pairs[0][1])
-    return dict(image=files[k], conversations=_turns(pairs))
-
-
-def _train_tokenizer(texts: list, vocab_size: int) -> Tokenizer:
-    """A small LLaMA-style tokenizer for the toy world, in the same structure as LLaMA's tokenizer.json: <unk>, <s>,
-    </s>, the 256 byte tokens, BPE pieces learned from the texts, and "<image>" last (the id transformers' LLaVA
-    needs for its image token; our pipeline never emits it)."""
-    learner = Tokenizer(models.BPE())
-    learner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    # learn within words, each with its leading "▁", and keep "\n" apart, as SentencePiece does for LLaMA
-    learner.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("▁", behavior="merged_with_next"), pre_tokenizers.Split("\n", behavior="isolated")])
-    learner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size - 260, show_progress=False))
-    learned = json.loads(learner.to_str())["model"]
-    pieces = [UNK, BOS, EOS] + [f"<0x{b:02X}>" for b in range(256)] + sorted(learned["vocab"], key=learned["vocab"].get)
-    tokenizer = _llama_tokenizer({piece: i for i, piece in enumerate(pieces)}, [tuple(m) for m in learned["merges"]])
-    tokenizer.add_special_tokens([AddedToken(IMAGE_MARKER, normalized=False, special=True)])
-    return tokenizer
-
-
-def _toy_paths(root: Path) -> dict:
-    return dict(root=root, images=root / "images", stage1=root / "stage1.json", stage2=root / "stage2.json",
-                eval=root / "eval.jsonl", tokenizer=root / "tokenizer.json")
-
-
-def _unseen_scenes(rng: random.Random, train: list, n: int) -> list:
-    """n scenes drawn as the training ones were, none showing what a training scene (or another of them) shows."""
-    seen, scenes = {_scene_key(s) for s in train}, []
-    while len(scenes) < n:
-        scene = _scene(rng)
-        if _scene_key(scene) not in seen:
-            scenes.append(scene)
-            seen.add(_scene_key(scene))
-    return scenes
-
-
-def _write_eval(scenes: list, images: Path, eval_file: Path, rng: random.Random):
-    """eval_*.png, and 3 one-word questions per scene in the official eval format plus `category`, `answer` and
-    `objects` (how many the scene holds); the categories take turns, so each gets a fifth of the questions."""
-    questions = []
-    for i, scene in enumerate(scenes):
-        _draw(scene).save(images / f"eval_{i:05d}.png")
-        for j in range(3):
-            category = EVAL_CATEGORIES[(3 * i + j) % len(EVAL_CATEGORIES)]
-            question, answer, _ = _question(scene, category, rng)
-            questions.append(dict(question_id=len(questions), image=f"eval_{i:05d}.png", text=question + SHORT_ANSWER,
-                                  category=category, answer=answer, objects=len(scene["objects"])))
-    eval_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
-
-
-def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: int = 4000, n_stage2: int = 8000,
-                   n_eval_images: int = 100, vocab_size: int = 600) -> dict:
-    """Write the toy world under root and return its paths. Same seed, same bytes.
-
-    images/: train_*.png (stage 1 and 2) and eval_*.png (held out: no eval scene repeats a training scene);
-    stage1.json: blip_laion_cc_sbu_558k-style captions; stage2.json: mix665k-style chats, some text-only and some with
-    two images; eval.jsonl: 3 one-word questions per eval image (see _write_eval); tokenizer.json: see
-    _train_tokenizer."""
-    paths, rng = _toy_paths(Path(root)), random.Random(seed)
-    paths["images"].mkdir(parents=True, exist_ok=True)
-    train = [_scene(rng) for _ in range(n_train_images)]
-    held_out = _unseen_scenes(rng, train, n_eval_images)
-    files = [f"train_{i:05d}.png" for i in range(n_train_images)]
-    for name, scene in zip(files, train):
-        _draw(scene).save(paths["images"] / name)
-
-    stage1 = [dict(id=f"s1_{i:05d}", image=files[i % n_train_images], conversations=_turns(
-        [(_with_image(rng.choice(CAPTION_INSTRUCTIONS), rng), _caption(train[i % n_train_images]))]))
-        for i in range(n_stage1)]
-    objects_so_far = list(itertools.accumulate(len(scene["objects"]) for scene in train))
-    stage2 = [dict(id=f"s2_{i:05d}", **_stage2_sample(train, files, objects_so_far, rng)) for i in range(n_stage2)]
-    _write_eval(held_out, paths["images"], paths["eval"], rng)
-    paths["stage1"].write_text(json.dumps(stage1, indent=1))
-    paths["stage2"].write_text(json.dumps(stage2, indent=1))
-
-    # the tokenizer learns the text as training will show it: inside the vicuna_v1 template, cut at the special
-    # tokens (tokenize_prompt encodes the text between them separately)
-    texts = [chunk for s in stage2 for part in render(_VICUNA, to_messages(s["conversations"], False)).split(EOS)
-             for chunk in part.split(IMAGE_MARKER)]
-    texts += [_caption(scene) for scene in train] + list(CAPTION_INSTRUCTIONS)
-    _train_tokenizer(texts, vocab_size).save(str(paths["tokenizer"]))
-    return paths
-
-
-def make_toy_eval(root, n_scenes: int, seed: int = 0, n_train_images: int = 4000) -> dict:
-    """A larger held-out question set for the world that make_toy_world(seed=seed, n_train_images=n_train_images)
-    makes: n_scenes unseen scenes (the first of them that world's eval scenes) under root/images, and 3 questions each
-    in root/eval.jsonl, asked afresh. For experiments: the world's 300 questions measure a run's accuracy only to about
-    ± 2.6 points (one standard error)."""
-    root, rng = Path(root), random.Random(seed)
-    train = [_scene(rng) for _ in range(n_train_images)]  # drawn again, only to leave them out
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    _write_eval(_unseen_scenes(rng, train, n_scenes), root / "images", root / "eval.jsonl", rng)
-    return dict(root=root, images=root / "images", eval=root / "eval.jsonl")
-
-
-def _make_once(root: Path, make, message: str):
-    """make(folder) into a temporary folder renamed into place, unless root exists: an interrupted generation
-    never leaves half a folder, and concurrent ranks agree."""
-    if root.exists():
-        return
-    print(message)
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make(tmp)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process got there first, with the same files
-        shutil.rmtree(tmp)
-
-
-def ensure_toy_world(root="toy_world", seed: int = 0) -> dict:
-    """The toy world's paths, generating it first (once) if root does not exist."""
-    root = Path(root)
-    _make_once(root, lambda folder: make_toy_world(folder, seed),
-               f"generating the toy world in {root}/ (seed {seed}), once; it takes a few seconds")
-    return _toy_paths(root)
-
-
-def ensure_toy_eval(world_root, n_scenes: int, seed: int = 0) -> dict:
-    """The paths of make_toy_eval's question set for the toy world at world_root (made by ensure_toy_world with the
-    same seed), in world_root/eval-<n_scenes>/, generated first (once) if it does not exist."""
-    root = Path(world_root) / f"eval-{n_scenes}"
-    _make_once(root, lambda folder: make_toy_eval(folder, n_scenes, seed),
-               f"drawing {n_scenes} held-out scenes and their questions in {root}/, once")
-    return dict(root=root, images=root / "images", eval=root / "eval.jsonl")

@@ -1,6 +1,6 @@
 """The LLaMA decoder (the language model of LLaVA-1.5: Vicuna-v1.5, a fine-tuned LLaMA-2), with a KV cache and sampling.
 
-Reproduces transformers' `LlamaForCausalLM` numerically (spec §6): RMSNorm in fp32, rotary position embeddings in the
+Reproduces transformers' `LlamaForCausalLM` (models/llama/modeling_llama.py) numerically: RMSNorm in fp32, rotary position embeddings in the
 "rotate-half" layout that HF and LLaVA checkpoints are stored in (so no weight permutation is needed), SwiGLU MLP,
 grouped-query attention. Module names follow the HF checkpoint keys (`model.` prefix dropped).
 
@@ -68,8 +68,8 @@ LLAMA_PRESETS = {
     "vicuna-7b-v1.5": dict(),
     "vicuna-13b-v1.5": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                             num_key_value_heads=40),
-    # the toy world's LM (vocab_size comes from its tokenizer), trained by stage 0; multi-head attention as Vicuna-7B
-    # (one key-value head per query head): with 2 key-value heads it learned less (docs/toy_accuracy.md)
+    # the toy world's LM (vocab_size comes from its tokenizer), trained by toy.py's stage 0; one key-value head per
+    # query head, as Vicuna-7B
     "toy": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=512),
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -212,8 +212,7 @@ class Llama(nn.Module):
         The identical layers share one compiled graph, and gradient checkpointing and FSDP still wrap plain layers.
         Inductor fuses the elementwise chains that eager runs as separate kernels, each reading and writing the
         activations again (RMSNorm's fp32 upcast, RoPE, SwiGLU's silu·mul, the residual adds), and keeps fewer of
-        them for backward: at 7B in bf16, 91 KiB per token and layer against eager's 129 with the LLM frozen, 129
-        against 182 with it trained (measured on the CPU)."""
+        them for backward (docs/training.md has the memory it saves)."""
         for layer in self.layers:
             layer.compile()
 
@@ -280,10 +279,3 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)
 
-
-def check_sampling(temperature: float, top_p: float):
-    """A ValueError naming the option, for settings `sample` would quietly read as something else (the CLIs' check)."""
-    if not temperature >= 0:
-        raise ValueError(f"--temperature {temperature}: must be 0 (greedy) or more")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p {top_p}: must be above 0 and at most 1 (1: off)")

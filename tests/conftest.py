@@ -28,14 +28,14 @@ def cpu_unless_the_test_asks_for_cuda():
 
 @pytest.fixture(scope="session")
 def llama_tokenizer():
-    from data import load_tokenizer
+    from plumbing.tokenizer import load_tokenizer
     return load_tokenizer(FIXTURES / "llama2-tokenizer")
 
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """make_toy_world's paths for a small world (seed 0): 60 training images, 10 held out."""
-    from data import make_toy_world
+    from toy import make_toy_world
     return make_toy_world(tmp_path_factory.mktemp("toy_world"), n_train_images=60, n_stage1=60, n_stage2=120,
                           n_eval_images=10)
 

@@ -22,9 +22,12 @@ import transformers
 import chat
 import tiny_hf
 from clip import CLIPVisionConfig, preprocess_image
-from data import CONV_TEMPLATES, load_tokenizer, open_image, render, tokenize_prompt
+from data import CONV_TEMPLATES, render, tokenize_prompt
 from llama import LlamaConfig
-from model import IMAGE_TOKEN_INDEX, Llava, LlavaConfig, load_llava, save_llava
+from model import IMAGE_TOKEN_INDEX, Llava, LlavaConfig
+from plumbing.checkpoints import choose_template, load_llava, save_llava
+from plumbing.files import open_image
+from plumbing.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q1, Q2 = "What colour is the circle?", "And the background?"
@@ -370,7 +373,7 @@ def test_template_follows_the_model(tmp_path):
         (tmp_path / name).mkdir(parents=True)
         for file, content in files.items():
             (tmp_path / name / file).write_text(json.dumps(content))
-        assert chat.choose_template(str(tmp_path / name)) == template, name
+        assert choose_template(str(tmp_path / name)) == template, name
 
 
 def test_same_answer_as_transformers_on_a_llava_hf_checkpoint(toy_world, tokenizer, images, tmp_path):

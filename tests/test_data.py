@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import (CONV_TEMPLATES, EOS_ID, EVAL_CATEGORIES, IMAGE_MARKER, POSITIONS, SHORT_ANSWER, DataError,
-                  LazySupervisedDataset, ModalityLengthGroupedSampler, collate, conv_mode_for, ensure_toy_world,
-                  load_tokenizer, make_toy_eval, make_toy_world, open_image, preprocess, render, to_messages,
-                  tokenize_prompt, truncate)
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from data import (CONV_TEMPLATES, SHORT_ANSWER, LazySupervisedDataset, ModalityLengthGroupedSampler, collate,
+                  preprocess, render, to_messages, tokenize_prompt, truncate)
+from model import IGNORE_INDEX, IMAGE_MARKER, IMAGE_TOKEN_INDEX
+from plumbing.checkpoints import conv_mode_for
+from plumbing.files import DataError, open_image
+from plumbing.tokenizer import EOS_ID, load_tokenizer
+from toy import EVAL_CATEGORIES, POSITIONS, ensure_toy_world, make_toy_eval, make_toy_world
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = json.loads((FIXTURES / "golden_preprocess.json").read_text())

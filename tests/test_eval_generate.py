@@ -20,10 +20,16 @@ import pytest
 import torch
 
 import eval
+import toy
 from clip import CLIPVisionConfig, preprocess_image
-from data import CONV_TEMPLATES, load_tokenizer, make_toy_world, open_image, render, tokenize_prompt
+from data import CONV_TEMPLATES, render, tokenize_prompt
 from llama import LlamaConfig
-from model import Llava, LlavaConfig, load_llava, save_llava
+from model import Llava, LlavaConfig
+from plumbing import answers, benchmarks
+from plumbing.checkpoints import load_llava, save_llava
+from plumbing.files import DataError, open_image, read_jsonl
+from plumbing.tokenizer import load_tokenizer
+from toy import make_toy_world
 
 REPO = Path(__file__).parent.parent
 MAX_NEW = 6  # tokens per answer: enough to tell answers apart, short enough to keep the tests fast
@@ -49,7 +55,7 @@ def runs(tmp_path_factory):
     shutil.copy(world["tokenizer"], model_dir)
     (model_dir / "train_config.json").write_text(json.dumps({"template": "plain"}))
     (root / "LATEST").write_text(f"{model_dir}\n")
-    questions = eval.read_jsonl(world["eval"])
+    questions = read_jsonl(world["eval"])
     # a text-only question, as in a benchmark without images: asked without the image marker
     questions.append({"question_id": "text-only", "text": "Is red a colour or a shape?\nAnswer the question using a "
                                                           "single word or phrase."})
@@ -96,11 +102,11 @@ def lines(path):
 # generate
 
 def test_split_list_is_the_official_split():
-    assert eval.split_list(list(range(10)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]  # ceil(10/4) = 3 each
-    assert eval.split_list(list(range(9)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # only 3 chunks
-    assert eval.get_chunk(list(range(9)), 4, 3) == []  # the official get_chunk raises IndexError here
-    assert eval.get_chunk(list(range(10)), 3, 1) == [4, 5, 6, 7]
-    assert eval.split_list([], 2) == []
+    assert answers.split_list(list(range(10)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]  # ceil(10/4) = 3 each
+    assert answers.split_list(list(range(9)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # only 3 chunks
+    assert answers.get_chunk(list(range(9)), 4, 3) == []  # the official get_chunk raises IndexError here
+    assert answers.get_chunk(list(range(10)), 3, 1) == [4, 5, 6, 7]
+    assert answers.split_list([], 2) == []
 
 
 def test_generate_writes_official_answers_and_batches_change_nothing(runs, reference, tmp_path, capsys):
@@ -312,7 +318,7 @@ def test_science_qa_json_is_asked_as_model_vqa_science(runs, tmp_path):
     # scored as written, with the model's letters put in: "A" is right for questions 0 and 2, wrong for 1
     problems = {str(k): {"choices": ["x", "y", "z"], "answer": int(k == 1), "image": r.get("image")}
                 for k, r in enumerate(records)}
-    report = eval.score_sqa([dict(a, text="A") for a in answers], problems, {"test": ["0", "1", "2"]})
+    report = benchmarks.score_sqa([dict(a, text="A") for a in answers], problems, {"test": ["0", "1", "2"]})
     assert (report["questions"], report["img_questions"]) == (3, 2)
     assert report["accuracy"] == pytest.approx(200 / 3) and report["img_accuracy"] == 100.0
 
@@ -359,9 +365,9 @@ def test_mmbench_tsv_is_asked_as_model_vqa_mmbench_in_every_round(runs, tmp_path
     # scored as written, with the model's letters put in: the letter it was shown for the right option in every
     # round but one of question 1, which fails that question (circular evaluation)
     right = [dict(a, text="ABCD"[a["option_char"].index(rows[a["question_id"]]["answer"])]) for a in answers]
-    assert eval.score_mmbench(right, rows)["accuracy"] == 100.0
+    assert benchmarks.score_mmbench(right, rows)["accuracy"] == 100.0
     right[3]["text"] = "ABC".replace(right[3]["text"], "")[0]
-    report = eval.score_mmbench(right, rows)
+    report = benchmarks.score_mmbench(right, rows)
     assert report["questions"] == 3 and report["accuracy"] == pytest.approx(200 / 3)
     assert report["by_category"] == {"colour": 100.0, "position": 100.0, "shape": 0.0}
 
@@ -375,7 +381,7 @@ def test_mmbench_tsv_is_asked_as_model_vqa_mmbench_in_every_round(runs, tmp_path
     # a bad image in the tsv is the question's own error (reported, the run goes on), named by its question
     for cell, message in (("not base64!", "the image of question 5 is not base64"),
                           (base64.b64encode(b"not an image").decode(), "the image of question 5: cannot read")):
-        with pytest.raises(eval.DataError, match=message):
+        with pytest.raises(DataError, match=message):
             eval.question_image({"question_id": 5, "image_base64": cell}, "")
 
 
@@ -390,20 +396,20 @@ def test_score_toy_exact_match_after_light_normalization():
     answers = [dict(question_id=0, text=" Yellow. "),  # case, space and the trailing period don't count
                dict(question_id=1, text="red circle"),  # anything more does
                dict(question_id=2, text="2.")]  # question 3 has no answer (its image failed): wrong
-    report = eval.score_toy(answers, questions)
+    report = toy.score_toy(answers, questions)
     assert report["by_category"] == {"colour": {"accuracy": 50.0, "right": 1, "questions": 2},
                                      "count": {"accuracy": 50.0, "right": 1, "questions": 2}}
     assert (report["right"], report["questions"], report["accuracy"]) == (2, 4, 50.0)
     assert report["by_objects"] == {1: {"accuracy": 0.0, "right": 0, "questions": 1},
                                     2: {"accuracy": 100.0, "right": 1, "questions": 1},
                                     3: {"accuracy": 50.0, "right": 1, "questions": 2}}
-    assert [line.split() for line in eval.format_toy_table(report).splitlines()[-4:]] == [
+    assert [line.split() for line in toy.format_toy_table(report).splitlines()[-4:]] == [
         ["scene", "of", "right", "questions", "accuracy"], ["1", "object", "0", "1", "0.00"],
         ["2", "objects", "1", "1", "100.00"], ["3", "objects", "1", "2", "50.00"]]
     # a world written before questions recorded their scene's size: no split, and no empty rows
     old_world = [{k: v for k, v in q.items() if k != "objects"} for q in questions]
-    assert "by_objects" not in eval.score_toy(answers, old_world)
-    assert eval.format_toy_table(eval.score_toy(answers, old_world)).splitlines()[-1].startswith("overall")
+    assert "by_objects" not in toy.score_toy(answers, old_world)
+    assert toy.format_toy_table(toy.score_toy(answers, old_world)).splitlines()[-1].startswith("overall")
 
 
 def test_bare_eval_runs_the_toy_evaluation_of_latest(runs, tmp_path):
@@ -412,7 +418,7 @@ def test_bare_eval_runs_the_toy_evaluation_of_latest(runs, tmp_path):
     shutil.copytree(runs["world"]["root"], root / "toy" / "world")
     (root / "LATEST").write_text(str(runs["model_dir"]))
     eval_file = root / "toy" / "world" / "eval.jsonl"
-    questions = eval.read_jsonl(eval_file)
+    questions = read_jsonl(eval_file)
     # make the ground truth of every other question what the model says (as "Capitalised."), so that the table
     # holds numbers other than zero; the rest keep the world's answers
     said = reference_answers(runs, questions, "plain")  # train_config.json says the model was trained with plain
@@ -459,7 +465,7 @@ def test_bare_eval_on_more_held_out_scenes(runs, tmp_path, capsys):
     out = capsys.readouterr().out
     extra = root / "toy" / "world" / "eval-7"
     assert "drawing 7 held-out scenes" in out and f"on {extra / 'eval.jsonl'}" in out
-    questions = eval.read_jsonl(extra / "eval.jsonl")
+    questions = read_jsonl(extra / "eval.jsonl")
     assert len(questions) == 21 and len(list((extra / "images").iterdir())) == 7
     assert [a["question_id"] for a in lines(answers_file)] == [q["question_id"] for q in questions]
     overall = next(line.split() for line in out.splitlines() if line.startswith("overall"))
@@ -473,7 +479,7 @@ def test_bare_eval_on_more_held_out_scenes(runs, tmp_path, capsys):
     assert f"answers in {model_dir.parent / 'toy_eval_answers_7scenes.jsonl'}" in out
     assert len(lines(model_dir.parent / "toy_eval_answers_7scenes.jsonl")) == 21
     assert (model_dir.parent / "toy_eval_answers.jsonl").read_text() == "THE DEFAULT RUN'S\n"
-    assert eval.read_jsonl(root / "toy" / "world" / "eval.jsonl") == eval.read_jsonl(runs["world"]["eval"])
+    assert read_jsonl(root / "toy" / "world" / "eval.jsonl") == read_jsonl(runs["world"]["eval"])
 
 
 def test_bare_eval_without_a_trained_model_says_how_to_train_one(tmp_path, capsys):

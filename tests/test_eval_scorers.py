@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 import eval
+from plumbing import benchmarks
+from plumbing.files import read_json, read_jsonl, read_tsv
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 REPO = Path(__file__).parent.parent
@@ -45,14 +47,14 @@ def fixture(*parts):
     ("Mr. Smith?", "mr smith"),
 ])
 def test_normalize_answer(raw, normalized):
-    assert eval.normalize_answer(raw) == normalized
+    assert benchmarks.normalize_answer(raw) == normalized
 
 
 def test_vqa_accuracy_leave_one_out():
-    assert eval.vqa_accuracy("two", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)   # k=2
-    assert eval.vqa_accuracy("3", ["2"] * 2 + ["3"] * 8) == pytest.approx(1.0)     # k=8
-    assert eval.vqa_accuracy("cat", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)   # k=1
-    assert eval.vqa_accuracy("bird", ["cat"] + ["dog"] * 9) == 0.0                 # k=0
+    assert benchmarks.vqa_accuracy("two", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)   # k=2
+    assert benchmarks.vqa_accuracy("3", ["2"] * 2 + ["3"] * 8) == pytest.approx(1.0)     # k=8
+    assert benchmarks.vqa_accuracy("cat", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)   # k=1
+    assert benchmarks.vqa_accuracy("bird", ["cat"] + ["dog"] * 9) == 0.0                 # k=0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,8 +68,8 @@ def test_vqav2():
     # q393226000 (number)  "10.5" keeps its period;   "10.5" x2, "105" x8       k=2 -> 0.6 (1.0 if the period went)
     # accuracy = (0.6 + 1.0 + 0.9 + 0.3 + 0.6) / 5 = 3.4 / 5 = 68%
     # number = (0.6 + 0.6) / 2 = 60%, other = (0.9 + 0.3) / 2 = 60%, yes/no = 100%
-    report = eval.score_vqav2(eval.read_jsonl(fixture("vqav2", "answers.jsonl")),
-                              eval.read_json(fixture("vqav2", "v2_mscoco_val2014_annotations.json")))
+    report = benchmarks.score_vqav2(read_jsonl(fixture("vqav2", "answers.jsonl")),
+                              read_json(fixture("vqav2", "v2_mscoco_val2014_annotations.json")))
     assert report["accuracy"] == pytest.approx(68.0)
     assert report["questions"] == 5
     assert report["by_answer_type"] == pytest.approx({"number": 60.0, "other": 60.0, "yes/no": 100.0})
@@ -79,8 +81,8 @@ def test_textvqa_matches_by_image_and_question():
     # "The Copenhagen" -> "copenhagen" vs "copenhagen" x10           k=10 -> 1.0
     # "3" vs "2" x9, "3" x1 (prompt with an empty OCR token line)    k=1  -> 0.3
     # accuracy = (0.9 + 1.0 + 0.3) / 3 = 2.2 / 3 = 73.33%
-    report = eval.score_textvqa(eval.read_jsonl(fixture("textvqa", "answers.jsonl")),
-                                eval.read_json(fixture("textvqa", "TextVQA_0.5.1_val.json")))
+    report = benchmarks.score_textvqa(read_jsonl(fixture("textvqa", "answers.jsonl")),
+                                read_json(fixture("textvqa", "TextVQA_0.5.1_val.json")))
     assert report == {"accuracy": pytest.approx(220 / 3), "questions": 3, "unanswered": 0}
 
 
@@ -91,9 +93,9 @@ def test_vizwiz_unanswerable():
     # image 3 (unanswerable, answerable 0): "Blue" vs "unanswerable" x9, "blue" x1  k=1 -> 0.3    FN
     # accuracy = (1.0 + 0.6 + 1.0 + 0.3) / 4 = 72.5%; unanswerable type = (1.0 + 0.3) / 2 = 65%
     # unanswerable F1 = 2TP / (2TP + FP + FN) = 2 / 4 = 50%
-    report = eval.score_vizwiz(eval.read_jsonl(fixture("vizwiz", "answers.jsonl")),
-                               eval.read_jsonl(fixture("vizwiz", "llava_val.jsonl")),
-                               eval.read_json(fixture("vizwiz", "val.json")))
+    report = benchmarks.score_vizwiz(read_jsonl(fixture("vizwiz", "answers.jsonl")),
+                               read_jsonl(fixture("vizwiz", "llava_val.jsonl")),
+                               read_json(fixture("vizwiz", "val.json")))
     assert report["accuracy"] == pytest.approx(72.5)
     assert report["by_answer_type"] == pytest.approx({"other": 60.0, "unanswerable": 65.0, "yes/no": 100.0})
     assert report["unanswerable_f1"] == pytest.approx(50.0)
@@ -108,23 +110,23 @@ def test_gqa_exact_match():
     # query   "A tank top" -> "a tank top" != "tank top"  wrong (open): GQA removes no articles
     # choose  "Brown"      -> "brown"      == "brown"     right (binary)
     # accuracy 3/4 = 75%, binary 2/2 = 100%, open 1/2 = 50%
-    report = eval.score_gqa(eval.read_jsonl(fixture("gqa", "answers.jsonl")),
-                            eval.read_json(fixture("gqa", "testdev_balanced_questions.json")))
+    report = benchmarks.score_gqa(read_jsonl(fixture("gqa", "answers.jsonl")),
+                            read_json(fixture("gqa", "testdev_balanced_questions.json")))
     assert report == {"accuracy": 75.0, "binary": 100.0, "open": 50.0, "questions": 4, "unanswered": 0}
 
 
 def test_unanswered_questions_are_left_out_and_counted():
     """Where the official scripts stop at (GQA) or refuse (VizWiz) a file with questions unanswered, or score the
     answered ones (TextVQA), the accuracy is over the answered questions and the report says how many are not."""
-    gqa = eval.read_jsonl(fixture("gqa", "answers.jsonl"))[1:]  # the first, right, answer left out: 2 of 3 right
-    report = eval.score_gqa(gqa, eval.read_json(fixture("gqa", "testdev_balanced_questions.json")))
+    gqa = read_jsonl(fixture("gqa", "answers.jsonl"))[1:]  # the first, right, answer left out: 2 of 3 right
+    report = benchmarks.score_gqa(gqa, read_json(fixture("gqa", "testdev_balanced_questions.json")))
     assert (report["accuracy"], report["questions"], report["unanswered"]) == (pytest.approx(200 / 3), 3, 1)
-    vizwiz = eval.read_jsonl(fixture("vizwiz", "answers.jsonl"))[:-1]  # the 0.3 left out: (1.0 + 0.6 + 1.0) / 3
-    report = eval.score_vizwiz(vizwiz, eval.read_jsonl(fixture("vizwiz", "llava_val.jsonl")),
-                               eval.read_json(fixture("vizwiz", "val.json")))
+    vizwiz = read_jsonl(fixture("vizwiz", "answers.jsonl"))[:-1]  # the 0.3 left out: (1.0 + 0.6 + 1.0) / 3
+    report = benchmarks.score_vizwiz(vizwiz, read_jsonl(fixture("vizwiz", "llava_val.jsonl")),
+                               read_json(fixture("vizwiz", "val.json")))
     assert (report["accuracy"], report["questions"], report["unanswered"]) == (pytest.approx(260 / 3), 3, 1)
-    textvqa = eval.read_jsonl(fixture("textvqa", "answers.jsonl"))[:-1]  # the 0.3 left out: (0.9 + 1.0) / 2
-    report = eval.score_textvqa(textvqa, eval.read_json(fixture("textvqa", "TextVQA_0.5.1_val.json")))
+    textvqa = read_jsonl(fixture("textvqa", "answers.jsonl"))[:-1]  # the 0.3 left out: (0.9 + 1.0) / 2
+    report = benchmarks.score_textvqa(textvqa, read_json(fixture("textvqa", "TextVQA_0.5.1_val.json")))
     assert report == {"accuracy": pytest.approx(95.0), "questions": 2, "unanswered": 1}
 
 
@@ -140,7 +142,7 @@ def test_unanswered_questions_are_left_out_and_counted():
     ("NO", "yes"),
 ])
 def test_pope_yes_no(text, said):
-    assert eval.pope_yes_no(text) == said
+    assert benchmarks.pope_yes_no(text) == said
 
 
 def test_pope():
@@ -153,9 +155,9 @@ def test_pope():
     #   accuracy 1/3 = 33.33%, precision 1/2, recall 1/2, F1 50%, yes ratio 2/3 = 66.67%
     # mean F1 = (50 + 100 + 50) / 3 = 66.67%
     # (the answers file lists popular first and the label files number from 1: pairing is by question-file order)
-    report = eval.score_pope(eval.read_jsonl(fixture("pope", "answers.jsonl")),
-                             eval.read_jsonl(fixture("pope", "llava_pope_test.jsonl")),
-                             eval.read_pope_labels(fixture("pope", "coco")))
+    report = benchmarks.score_pope(read_jsonl(fixture("pope", "answers.jsonl")),
+                             read_jsonl(fixture("pope", "llava_pope_test.jsonl")),
+                             benchmarks.read_pope_labels(fixture("pope", "coco")))
     assert report["categories"]["adversarial"] == pytest.approx(
         {"TP": 1, "FP": 1, "TN": 1, "FN": 1, "accuracy": 50.0, "precision": 50.0, "recall": 50.0, "f1": 50.0,
          "yes_ratio": 50.0})
@@ -169,10 +171,10 @@ def test_pope():
 
 
 def test_pope_needs_every_answer():
-    answers = [a for a in eval.read_jsonl(fixture("pope", "answers.jsonl")) if a["question_id"] != 3]
+    answers = [a for a in read_jsonl(fixture("pope", "answers.jsonl")) if a["question_id"] != 3]
     with pytest.raises(ValueError, match="no answer for question_id 3"):
-        eval.score_pope(answers, eval.read_jsonl(fixture("pope", "llava_pope_test.jsonl")),
-                        eval.read_pope_labels(fixture("pope", "coco")))
+        benchmarks.score_pope(answers, read_jsonl(fixture("pope", "llava_pope_test.jsonl")),
+                        benchmarks.read_pope_labels(fixture("pope", "coco")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def test_pope_needs_every_answer():
     ("AB", "FAILED"),
 ])
 def test_sqa_letter(text, letter):
-    assert eval.sqa_letter(text) == letter
+    assert benchmarks.sqa_letter(text) == letter
 
 
 def test_sqa():
@@ -201,9 +203,9 @@ def test_sqa():
     #   8 image  no answer           -> FAILED, wrong; not an IMG question: the original reads IMG off the answer's
     #                                   prompt, and a missing answer's is "Unknown"
     # accuracy 3/7 = 42.86%; IMG (1, 2, 4) 2/3 = 66.67%; 3 FAILED
-    report = eval.score_sqa(eval.read_jsonl(fixture("sqa", "answers.jsonl")),
-                            eval.read_json(fixture("sqa", "problems.json")),
-                            eval.read_json(fixture("sqa", "pid_splits.json")))
+    report = benchmarks.score_sqa(read_jsonl(fixture("sqa", "answers.jsonl")),
+                            read_json(fixture("sqa", "problems.json")),
+                            read_json(fixture("sqa", "pid_splits.json")))
     assert report == pytest.approx(
         {"accuracy": 300 / 7, "img_accuracy": 200 / 3, "questions": 7, "img_questions": 3, "failed": 3})
 
@@ -220,7 +222,7 @@ def test_sqa():
     ("The answer is yes", "other"),
 ])
 def test_mme_yes_no(text, parsed):
-    assert eval.mme_yes_no(text) == parsed
+    assert benchmarks.mme_yes_no(text) == parsed
 
 
 def test_mme():
@@ -234,18 +236,18 @@ def test_mme():
     # code_reasoning (cognition), one image (its ground truth has two spaces before "Please answer yes or no."):
     #   python "yes" right, c++ "I am not sure" -> other wrong: acc 50, acc+ 0, score 50
     # perception = 125 + 50 = 175, cognition = 50
-    report = eval.score_mme(eval.read_jsonl(fixture("mme", "answers.jsonl")),
-                            eval.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version")))
+    report = benchmarks.score_mme(read_jsonl(fixture("mme", "answers.jsonl")),
+                            benchmarks.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version")))
     assert report == {
         "categories": {"existence": {"acc": 75.0, "acc_plus": 50.0, "score": 125.0},
                        "artwork": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0},
                        "code_reasoning": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}},
         "perception": 175.0, "cognition": 50.0}
-    perception_only = [a for a in eval.read_jsonl(fixture("mme", "answers.jsonl")) if "code" not in a["question_id"]]
-    ground_truth = eval.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version"))
-    report = eval.score_mme(perception_only, ground_truth)
+    perception_only = [a for a in read_jsonl(fixture("mme", "answers.jsonl")) if "code" not in a["question_id"]]
+    ground_truth = benchmarks.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version"))
+    report = benchmarks.score_mme(perception_only, ground_truth)
     assert report["cognition"] == 0.0  # printed as perception is ("0.00"), not as an int ("0")
-    assert f"{'cognition':<16}{'0.00':>10}" in eval.format_report("mme", report).splitlines()
+    assert f"{'cognition':<16}{'0.00':>10}" in benchmarks.format_report("mme", report).splitlines()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def test_mme():
     ("Z", None),
 ])
 def test_mmbench_letter(text, letter):
-    assert eval.mmbench_letter(text, {"A": "green", "B": "blue", "C": "red"}) == letter
+    assert benchmarks.mmbench_letter(text, {"A": "green", "B": "blue", "C": "red"}) == letter
 
 
 def test_mmbench_circular():
@@ -273,8 +275,8 @@ def test_mmbench_circular():
     # q3 (image_style, coarse):      3 "A" right, 1000003 "A or B" no match                         -> wrong
     # overall 2/4 = 50%; image_scene 1/2 = 50%, attribute_recognition 1/1 = 100%, image_style 0/1 = 0%
     # coarse_perception (q0, q1, q3) 1/3 = 33.33%, finegrained (q2) 1/1 = 100%
-    report = eval.score_mmbench(eval.read_jsonl(fixture("mmbench", "answers.jsonl")),
-                                eval.read_tsv(fixture("mmbench", "mmbench_dev_20230712.tsv")))
+    report = benchmarks.score_mmbench(read_jsonl(fixture("mmbench", "answers.jsonl")),
+                                read_tsv(fixture("mmbench", "mmbench_dev_20230712.tsv")))
     assert report["accuracy"] == 50.0
     assert report["questions"] == 4
     assert report["by_category"] == {"attribute_recognition": 100.0, "image_scene": 50.0, "image_style": 0.0}
@@ -284,8 +286,8 @@ def test_mmbench_circular():
 
 def test_mmbench_unanswered_row_fails_its_question():
     # drop the answer of row 1000000: q0 loses its second rotation -> q0 wrong; right: q2 only -> 1/4 = 25%
-    answers = [a for a in eval.read_jsonl(fixture("mmbench", "answers.jsonl")) if a["question_id"] != 1000000]
-    report = eval.score_mmbench(answers, eval.read_tsv(fixture("mmbench", "mmbench_dev_20230712.tsv")))
+    answers = [a for a in read_jsonl(fixture("mmbench", "answers.jsonl")) if a["question_id"] != 1000000]
+    report = benchmarks.score_mmbench(answers, read_tsv(fixture("mmbench", "mmbench_dev_20230712.tsv")))
     assert report["accuracy"] == 25.0
 
 
@@ -304,8 +306,8 @@ def test_mmbench_all_rounds_answers():
         return [{"question_id": 7, "round_id": r, "prompt": "", "text": text, "options": options, "option_char": chars}
                 for r, (text, (options, chars)) in enumerate(zip(texts, shown))]
 
-    assert eval.score_mmbench(rounds(["B", "A", "C"]), rows)["accuracy"] == 100.0
-    assert eval.score_mmbench(rounds(["B", "A", "A"]), rows)["accuracy"] == 0.0
+    assert benchmarks.score_mmbench(rounds(["B", "A", "C"]), rows)["accuracy"] == 100.0
+    assert benchmarks.score_mmbench(rounds(["B", "A", "A"]), rows)["accuracy"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,8 +321,8 @@ def test_seed():
     # 300002 (video, Action Recognition)      no answer   wrong
     # total 3/5 = 60%; image 2/3 = 66.67%, video 1/2 = 50%
     # Scene Understanding 1/2 = 50%, Instance Identity 1/1 = 100%, Action Recognition 1/2 = 50%
-    report = eval.score_seed(eval.read_jsonl(fixture("seed", "answers.jsonl")),
-                             eval.read_json(fixture("seed", "SEED-Bench.json")))
+    report = benchmarks.score_seed(read_jsonl(fixture("seed", "answers.jsonl")),
+                             read_json(fixture("seed", "SEED-Bench.json")))
     assert report["accuracy"] == 60.0
     assert report["by_data_type"] == pytest.approx({"image": 200 / 3, "video": 50.0})
     assert report["by_question_type"] == {"Action Recognition": 50.0, "Instance Identity": 100.0,
@@ -331,16 +333,16 @@ def test_seed():
 # bad input
 
 def test_unknown_question_id_is_an_error():
-    answers = eval.read_jsonl(fixture("gqa", "answers.jsonl"))
+    answers = read_jsonl(fixture("gqa", "answers.jsonl"))
     answers.append({"question_id": "999", "prompt": "?", "text": "yes"})
     with pytest.raises(ValueError, match="unknown question_id '999'"):
-        eval.score_gqa(answers, eval.read_json(fixture("gqa", "testdev_balanced_questions.json")))
+        benchmarks.score_gqa(answers, read_json(fixture("gqa", "testdev_balanced_questions.json")))
 
 
 def test_duplicate_answer_is_an_error():
-    answers = eval.read_jsonl(fixture("seed", "answers.jsonl"))
+    answers = read_jsonl(fixture("seed", "answers.jsonl"))
     with pytest.raises(ValueError, match="two answers for question_id"):
-        eval.score_seed(answers + answers[:1], eval.read_json(fixture("seed", "SEED-Bench.json")))
+        benchmarks.score_seed(answers + answers[:1], read_json(fixture("seed", "SEED-Bench.json")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ def test_cli_scores_pope():
 
 
 def test_cli_names_the_malformed_line(tmp_path):
-    answers = [json.dumps(a) for a in eval.read_jsonl(fixture("gqa", "answers.jsonl"))]
+    answers = [json.dumps(a) for a in read_jsonl(fixture("gqa", "answers.jsonl"))]
     answers[2] = answers[2][:-5]  # cut off the end of the third line
     bad = tmp_path / "answers.jsonl"
     bad.write_text("\n".join(answers) + "\n")
@@ -376,7 +378,7 @@ def test_answer_without_text_names_its_line(tmp_path):
     bad.write_text('{"question_id": "201307251", "prompt": "Is it overcast?", "text": "No"}\n\n'
                    '{"question_id": "201640614", "prompt": "Who is wearing the dress?"}\n')
     with pytest.raises(ValueError, match=":3: no 'text' field"):
-        eval.score_files("gqa", bad, fixture("gqa", "testdev_balanced_questions.json"))
+        benchmarks.score_files("gqa", bad, fixture("gqa", "testdev_balanced_questions.json"))
 
 
 def test_cli_names_the_malformed_json_file(tmp_path):

@@ -13,10 +13,12 @@ from safetensors.torch import load_file, save_file
 
 import tiny_hf
 from clip import CLIPVisionConfig, preprocess_image
-from data import collate, load_tokenizer, save_llava_tokenizer, tokenize_prompt
+from data import collate, tokenize_prompt
 from llama import LlamaConfig
-from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, CheckpointError, Llava, LlavaConfig, load_base, load_clip,
-                   load_llama, load_llava, save_image_processor, save_llava)
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llava, LlavaConfig
+from plumbing.checkpoints import (CheckpointError, load_base, load_clip, load_llama, load_llava, save_image_processor,
+                                  save_llava, save_llava_tokenizer)
+from plumbing.tokenizer import load_tokenizer
 
 TOL = 1e-4
 
@@ -490,7 +492,7 @@ def test_damaged_checkpoint_names_the_tensor(llava_hf_dir, tmp_path, damage, mes
 def test_saved_plain_towers_load_in_transformers(tmp_path):
     from clip import CLIPVisionConfig, CLIPVisionTower
     from llama import Llama, LlamaConfig
-    from model import save_clip, save_llama
+    from plumbing.checkpoints import save_clip, save_llama
     torch.manual_seed(0)
     llm, tower = Llama(LlamaConfig.from_name("tiny")), CLIPVisionTower(CLIPVisionConfig.from_name("tiny"))
     save_llama(llm, str(tmp_path / "llm"))
@@ -512,7 +514,7 @@ def test_stage2_projector_from_a_stage1_dir_or_an_official_mm_projector_bin(llav
     expected = trained.multi_modal_projector.state_dict()
     # ours: a whole stage-1 output directory
     model = load_base(str(tmp_path / "llm"), str(tmp_path / "clip"))
-    from model import load_projector
+    from plumbing.checkpoints import load_projector
     load_projector(model, llava_hf_dir[0])
     assert all(torch.equal(model.multi_modal_projector.state_dict()[k], v) for k, v in expected.items())
     # official: mm_projector.bin with `model.mm_projector.{0,2}.*`

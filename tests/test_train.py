@@ -24,10 +24,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from clip import CLIPVisionConfig
-from data import LazySupervisedDataset, collate, load_tokenizer, make_toy_world
-from model import Llava, LlavaConfig, load_clip, load_llama, load_llava
-from train import (PLACE, SHAPES, ContrastiveCLIP, contrastive_loss, flops_per_token, llm_positions, main as train_main,
-                   peak_flops, swap_positions, swap_shapes, token_wise_similarity)
+from data import LazySupervisedDataset, collate
+from model import Llava, LlavaConfig
+from plumbing.checkpoints import load_clip, load_llama, load_llava
+from plumbing.runs import peak_flops
+from plumbing.tokenizer import load_tokenizer
+from toy import (PLACE, SHAPES, ContrastiveCLIP, contrastive_loss, make_toy_world, swap_positions, swap_shapes,
+                 token_wise_similarity)
+from plumbing.runs import flops_per_token, llm_positions
+from train import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE_WORDS = "|".join(SHAPES)
@@ -371,7 +376,7 @@ def test_resume_with_other_settings_stops_and_names_them(runs, tmp_path):
 
 
 def test_checkpoints_are_found_by_their_step_alone(tmp_path):
-    from train import checkpoint_dirs
+    from plumbing.runs import checkpoint_dirs
     for name in ("checkpoint-10", "checkpoint-2", "checkpoint-best", ".checkpoint-3.tmp", "checkpoint-4.old"):
         (tmp_path / name).mkdir()
     assert checkpoint_dirs(str(tmp_path)) == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-10")]
@@ -635,7 +640,8 @@ def test_epochs_of_modality_grouped_batches_run_to_the_end(runs, tmp_path):
     """Stage 2 groups image and text-only samples into separate global batches; the sampler's last batch mixes the
     two leftovers and can hold more than one global batch. It must be cut into whole batches, not dropped, or the
     epoch is shorter than the schedule counts and the second epoch runs dry."""
-    from data import LazySupervisedDataset, ModalityLengthGroupedSampler, load_tokenizer
+    from data import LazySupervisedDataset, ModalityLengthGroupedSampler
+    from plumbing.tokenizer import load_tokenizer
     from train import global_batches, resolve_config
     out = tmp_path / "s2"
     train(runs, "--stage", 2, "--projector", "", "--out-dir", out, "--global-batch", 10, "--micro-batch", 5,
