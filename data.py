@@ -371,8 +371,7 @@ class ModalityLengthGroupedSampler(torch.utils.data.Sampler):
         each micro-step's share (one micro-batch per rank) into micro-batches of similar total length, so that no
         rank waits for another. Official deals one micro-step at a time; with gradient accumulation we deal the
         sorted global batch, so its micro-steps run short samples with short ones and long with long: the same
-        gradient (the loss is averaged over the global batch's tokens), less padding (the toy's stage 2 in 4
-        micro-steps of 8: 11 % of positions are padding instead of 38 %)."""
+        gradient (the loss is averaged over the global batch's tokens), less padding (docs/training.md)."""
         shuffled = [indices[k] for k in torch.randperm(len(indices), generator=generator).tolist()]
         step = self.num_replicas * self.micro_batch  # one micro-step over all ranks
         batches = []

@@ -65,8 +65,8 @@ OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
 def _scene(rng: random.Random) -> dict:
     """1-3 objects, no two sharing a colour, a shape or a position, so every question has one answer."""
     n = rng.randint(1, 3)
-    # captions and descriptions name the objects in this random order: listed by place (left, right, top, bottom),
-    # they gave each place away by its rank, and models never learned where a given object is (docs/toy_accuracy.md)
+    # captions and descriptions name the objects in this random order: listed by place, they would give each place
+    # away by its rank, and a model need never learn where a given object is
     objects = [dict(colour=c, shape=s, position=p, size=rng.choice(list(SIZES)), dx=rng.randint(-1, 1),
                     dy=rng.randint(-1, 1))
                for c, s, p in zip(rng.sample(list(COLOURS), n), rng.sample(SHAPES, n), rng.sample(list(POSITIONS), n))]
@@ -173,7 +173,7 @@ def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.
     objects_so_far: the running total of the scenes' object counts."""
     short = rng.random() < 0.5  # like the VQA parts of mix665k: one-word answers with the SHORT_ANSWER suffix
     kind = rng.choices(("qa", "describe", "text", "two_images"), weights=(60, 15, 15, 10))[0]
-    if kind == "qa":  # a scene in proportion to its objects: a lone object needs no finding (docs/toy_accuracy.md)
+    if kind == "qa":  # a scene in proportion to its objects: a lone object needs no finding
         k = rng.choices(range(len(scenes)), cum_weights=objects_so_far)[0]
     else:
         k = rng.randrange(len(scenes))
