@@ -15,6 +15,7 @@ Shapes: T tokens of a sample (each image is one IMAGE_TOKEN_INDEX), B samples in
 """
 
 import bisect
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,21 @@ def render(conv: Conversation, messages: list) -> str:
     return prompt
 
 
+# LLaVA-Plus's unified format (llava/mm_utils.py: reorganize_source_for_tool_use): an assistant turn that decides on a
+# tool writes its thoughts, the actions (tool calls, JSON) and the value (what the user is shown), each after its
+# marker, the quotes being part of it; tools.py parses them back
+THOUGHTS, ACTIONS, VALUE = '"thoughts🤔"', '"actions🚀"', '"value👉"'
+
+
+def unified_answer(turn: dict) -> str:
+    """An assistant turn of LLaVA-Plus data {"thoughts", "actions", "value"} as the one text the model learns to write:
+    '"thoughts🤔" {thoughts}\\n"actions🚀" {json.dumps(actions)}\\n"value👉" {value}\\n', a missing key's line left
+    out, in this order whatever the JSON's."""
+    parts = [(THOUGHTS, turn.get("thoughts")), (ACTIONS, json.dumps(turn["actions"]) if "actions" in turn else None),
+             (VALUE, turn.get("value"))]
+    return "".join(f"{marker} {text}\n" for marker, text in parts if text is not None)
+
+
 def tokenize_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Token ids of a prompt with one IMAGE_TOKEN_INDEX per "<image>" (official tokenizer_image_token).
 
@@ -141,10 +157,11 @@ def to_messages(conversations: list, has_image: int) -> list[tuple[int, str]]:
     As official preprocess_multimodal, in an image sample a turn's "<image>" moves to its front: "Q\\n<image>" becomes
     "<image>\\nQ", and several markers in the turn of a one-image sample become that one. (With several images, our
     extension, a turn's markers stay as written unless there is one.) In a sample without an image, "<image>" is
-    text."""
+    text. An assistant turn with LLaVA-Plus's "thoughts" or "actions" becomes its unified_answer; plain LLaVA turns stay
+    as they are."""
     messages = []
     for i, turn in enumerate(check_conversation(conversations, has_image)):
-        text = turn["value"]
+        text = unified_answer(turn) if "thoughts" in turn or "actions" in turn else turn["value"]
         if has_image and IMAGE_MARKER in text and (has_image == 1 or text.count(IMAGE_MARKER) == 1):
             text = (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
         messages.append((i % 2, text))
@@ -157,7 +174,8 @@ def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_ima
     "plain" (stage 1, preprocess_plain): the instruction is dropped; the sample is "<image>" + caption + "\\n" and
     only the caption and "\\n" are supervised. Every other template (preprocess_v1 / _llama_2 / _mpt): the whole
     conversation is rendered and tokenized once; each answer and the separator that ends it ("</s>" for vicuna_v1)
-    are supervised; the system prompt, the user turns and the images are not (labels IGNORE_INDEX)."""
+    are supervised; the system prompt, the user turns and the images are not (labels IGNORE_INDEX). The answers are
+    found by their character spans in the prompt, cut from the one tokenization."""
     conv = CONV_TEMPLATES[template]
     messages = to_messages(conversations, has_image)
     if conv.style == "plain":
@@ -166,21 +184,36 @@ def preprocess(conversations: list, tokenizer: Tokenizer, template: str, has_ima
         input_ids = tokenize_prompt(tokenizer, IMAGE_MARKER + messages[1][1] + conv.sep)
         n_prompt = len(tokenize_prompt(tokenizer, IMAGE_MARKER))  # <s> and the image
         return input_ids, [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
-    if conv.style == "single":
-        raise ValueError(f"{template!r} is for inference only here; train with 'plain' or a v1-style template")
     if conv.style == "two":
         check_round_separators(messages, (conv.sep2, conv.sep + conv.roles[1] + ": "))
-    prompt = render(conv, messages)
+    if conv.style == "single":
+        prompt, spans = v0_training_prompt(conv, messages)
+    else:
+        # an answer's characters are those its text adds: after the prompt up to "ASSISTANT:", up to " answer</s>"
+        prompt = render(conv, messages)
+        spans = [(len(render(conv, messages[:i] + [(1, None)])), len(render(conv, messages[:i + 1])))
+                 for i in range(1, len(messages), 2)]
     input_ids, starts, ends = tokenize_with_offsets(tokenizer, prompt, images=bool(has_image))
     labels = [IGNORE_INDEX] * len(input_ids)
-    for i in range(1, len(messages), 2):
-        # an answer's tokens are those its text adds: after the prompt up to "ASSISTANT:", up to " answer</s>"
-        before, through = render(conv, messages[:i] + [(1, None)]), render(conv, messages[:i + 1])
-        assert prompt.startswith(before) and prompt.startswith(through), \
-            f"template {template!r}: each turn's prompt must extend the one before it"
-        start, end = (_tokens_before(len(text), starts, ends, prompt) for text in (before, through))
+    for start, end in spans:
+        start, end = (_tokens_before(boundary, starts, ends, prompt) for boundary in (start, end))
         labels[start:end] = input_ids[start:end]
     return input_ids, labels
+
+
+def v0_training_prompt(conv: Conversation, messages: list) -> tuple[str, list]:
+    """The text llava_v0 (LLaVA v0, and LLaVA-Plus's released model) trains on, which is not the prompt it is served:
+    "{system}\\n\\n### Human: {question}\\n### Assistant: {answer}\\n### " (llava/train/train.py:
+    _add_speaker_and_signal), and the character span of each answer: from after "Assistant:" through the "###" that
+    follows it, the stop string of serving. (Official v0 masking measures each turn tokenized alone, with a BOS of its
+    own, so its spans drift by a token per turn; these are exact.)"""
+    prompt, spans = conv.system + "\n\n", []
+    for i, (_, text) in enumerate(messages):
+        head = f"### {conv.roles[i % 2]}:"
+        if i % 2:
+            spans.append((len(prompt) + len(head), len(prompt) + len(f"{head} {text}\n###")))
+        prompt += f"{head} {text}\n"
+    return prompt + "### ", spans
 
 
 def _tokens_before(boundary: int, starts: list, ends: list, prompt: str) -> int:
@@ -221,8 +254,10 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     """LLaVA training samples, tokenized and with their images loaded on access (official LazySupervisedDataset).
 
     data_path: a LLaVA JSON list or JSONL of {"id", "image" (optional; a path or a list of paths relative to
-    image_folder), "conversations"}. A sample gives dict(id, input_ids (T,), labels (T,), images (n_img, 3, S, S)),
-    n_img = 0 for a text-only sample. Nothing is tokenized up front, so 665k samples load in seconds.
+    image_folder), "conversations"}, or several, comma-separated ("a.json,b.json"), as the official scripts pass them;
+    image_folder likewise ("coco,hiertext": the first folder that holds an image is where it is read). A sample gives
+    dict(id, input_ids (T,), labels (T,), images (n_img, 3, S, S)), n_img = 0 for a text-only sample. Nothing is
+    tokenized up front, so 665k samples load in seconds.
 
     __getitem__ returns None for a sample dropped by truncation (nothing left to supervise), and with skip_bad=True
     for a bad sample (printed to stderr), which otherwise raises DataError; `collate` counts the Nones."""
@@ -230,11 +265,16 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def __init__(self, data_path, image_folder, tokenizer: Tokenizer, template: str, image_size: int = 336,
                  image_aspect_ratio: str = "pad", max_len: int = 2048, image_tokens: int = 576,
                  skip_bad: bool = False, max_pixels: int = MAX_PIXELS):
-        self.data_path, self.image_folder = Path(data_path), Path(image_folder)
+        self.image_folders = [Path(folder) for folder in str(image_folder).split(",")]
         self.tokenizer, self.template = tokenizer, template
         self.image_size, self.image_aspect_ratio, self.max_pixels = image_size, image_aspect_ratio, max_pixels
         self.max_len, self.image_tokens, self.skip_bad = max_len, image_tokens, skip_bad
-        self.records, self.line_numbers = read_records(self.data_path)
+        self.records, self.files, self.offsets = [], [], []  # offsets[k]: the index of file k's first record
+        for path in map(Path, str(data_path).split(",")):
+            records, line_numbers = read_records(path)
+            self.files.append((path, line_numbers))
+            self.offsets.append(len(self.records))
+            self.records += records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -253,16 +293,26 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         return lengths
 
     def missing_images(self) -> tuple[int, list[str]]:
-        return missing_images(self.records, self.image_folder)
+        return missing_images(self.records, self.image_folders)
+
+    def image_path(self, name: str) -> Path:
+        """Where an image is read: in the first image folder that holds it (named in the error if none does)."""
+        paths = [folder / name for folder in self.image_folders]
+        return paths[0] if len(paths) == 1 else next((path for path in paths if path.is_file()), paths[0])
+
+    def where(self, i: int) -> str:
+        """Record i's file and line (JSONL) or item (JSON), for error messages."""
+        k = bisect.bisect_right(self.offsets, i) - 1
+        path, line_numbers = self.files[k]
+        return f"{path}:{line_numbers[i - self.offsets[k]]}" if line_numbers else f"{path} item {i - self.offsets[k]}"
 
     def __getitem__(self, i: int) -> dict | None:
         record = self.records[i]
-        where = f"{self.data_path}:{self.line_numbers[i]}" if self.line_numbers else f"{self.data_path} item {i}"
         sample_id = str(record.get("id", "?")) if isinstance(record, dict) else "?"
         try:
             return self._sample(record, sample_id)
         except DataError as e:
-            error = DataError(f"sample {sample_id} ({where}): {e}")
+            error = DataError(f"sample {sample_id} ({self.where(i)}): {e}")
             if not self.skip_bad:
                 raise error from None
             print(f"skipping {error}", file=sys.stderr)
@@ -279,7 +329,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         if kept is None:
             return None
         input_ids, labels = kept
-        images = [preprocess_image(open_image(self.image_folder / f, self.max_pixels), self.image_size,
+        images = [preprocess_image(open_image(self.image_path(f), self.max_pixels), self.image_size,
                                    self.image_aspect_ratio) for f in files[:input_ids.count(IMAGE_TOKEN_INDEX)]]
         return dict(id=sample_id, input_ids=torch.tensor(input_ids), labels=torch.tensor(labels),
                     images=torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size))

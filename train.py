@@ -72,8 +72,8 @@ class TrainConfig:
                                 "mm_projector.bin (or its run's directory); its projector type comes with it")
     projector_type: str = option("mlp2x_gelu", "linear or mlpNx_gelu, as the official mm_projector_type")
     # data
-    data: str = option("", "LLaVA JSON / JSONL (empty: the toy world's)")
-    image_folder: str = option("", "where the data's image paths start")
+    data: str = option("", "LLaVA JSON / JSONL, or several: a.json,b.json (empty: the toy world's)")
+    image_folder: str = option("", "where the data's image paths start; several: d1,d2 (the first holding an image)")
     template: str = option("", "conversation template: " + ", ".join(CONV_TEMPLATES))
     image_aspect_ratio: str = option("", "pad: to a square of CLIP's mean colour first; square: resize and centre-crop")
     max_len: int = option(2048, "tokens per sample, image tokens included; longer ones are cut")

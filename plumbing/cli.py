@@ -185,10 +185,13 @@ def check_train_config(cfg, given: dict, parser, templates, aspect_ratios, proje
         if missing:
             parser.error("the real recipe needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
         for name in ("llm", "vision_tower", "projector", "data", "image_folder"):
-            if given.get(name) and not os.path.exists(given[name]):  # before minutes of loading, not after
-                parser.error(f"--{name.replace('_', '-')} {given[name]}: no such file or directory")
-        if os.path.isdir(cfg.data):
-            parser.error(f"--data {cfg.data}: a directory; give the LLaVA JSON or JSONL file")
+            # before minutes of loading, not after; --data and --image-folder may list several, comma-separated
+            for path in given.get(name, "").split(",") if name in ("data", "image_folder") else [given.get(name)]:
+                if path and not os.path.exists(path):
+                    parser.error(f"--{name.replace('_', '-')} {path}: no such file or directory")
+        for path in cfg.data.split(","):
+            if os.path.isdir(path):
+                parser.error(f"--data {path}: a directory; give the LLaVA JSON or JSONL file")
         if cfg.projector and os.path.exists(cfg.projector):
             cfg.projector = stage1_projector(cfg.projector, parser)
             saved_type = read_config(cfg.projector).get("projector_type") if os.path.isdir(cfg.projector) else None

@@ -165,13 +165,13 @@ def check_round_separators(messages: list, cuts: tuple):
                                 "whole sample")
 
 
-def missing_images(records: list, image_folder: Path, probes: int = 1000) -> tuple[int, list[str]]:
-    """(how many image files were looked for, those missing) over up to `probes` samples spread evenly through the
-    file: a quick look, before training, for a wrong image folder or a subfolder left out, which skipping bad samples
-    would otherwise turn into a run that silently learns from fewer images, or none."""
+def missing_images(records: list, image_folders: list, probes: int = 1000) -> tuple[int, list[str]]:
+    """(how many image files were looked for, those in none of the folders) over up to `probes` samples spread evenly
+    through the data: a quick look, before training, for a wrong image folder or a subfolder left out, which skipping
+    bad samples would otherwise turn into a run that silently learns from fewer images, or none."""
     files = [f for record in records[::max(1, len(records) // probes)] for f in image_files(record)
              if isinstance(f, str)]
-    return len(files), [f for f in files if not (Path(image_folder) / f).is_file()]
+    return len(files), [f for f in files if not any((Path(folder) / f).is_file() for folder in image_folders)]
 
 
 # -----------------------------------------------------------------------------

@@ -673,3 +673,90 @@ def test_sampler_shards_across_ranks(num_replicas, micro_batch, batch_size):
     for step in range(0, n_full, batch_size // num_replicas):  # and each global batch is one sampler batch
         together = {i for share in shares for i in share[step:step + batch_size // num_replicas]}
         assert together in [set(b) for b in samplers[0].global_batches()]
+
+
+# -----------------------------------------------------------------------------
+# LLaVA-Plus's unified format (llava/mm_utils.py: reorganize_source_for_tool_use) and its training strings
+
+TOOL_OUTPUT = "{'boxes': [[0.35, 0.37, 0.66, 0.97], [0.0, 0.57, 0.69, 1.0]], 'logits': [0.51, 0.37], 'phrases': ['girl', 'cart']}"
+PLUS_QUESTION = "Can you detect the girl and the cart in the image?"
+PLUS_SAMPLE = [  # the LLaVA-Plus fact sheet's example conversation, with THOUGHT1 and ANSWER for the long texts
+    {"from": "human", "value": "<image>\n" + PLUS_QUESTION},
+    {"from": "gpt", "thoughts": "THOUGHT1",
+     "actions": [{"API_name": "grounding_dino", "API_params": {"caption": "girl . cart"}}],
+     "value": "I will use grounding_dino to help to answer the question. Please wait for a moment."},
+    {"from": "human", "value": f"grounding_dino model outputs: {TOOL_OUTPUT}\n\nPlease summarize the model outputs and "
+                               f"answer my first question: {PLUS_QUESTION}"},
+    {"from": "gpt", "value": "ANSWER", "actions": [],  # key order as found in data: the marker order is fixed
+     "thoughts": "Thanks to the output of grounding_dino. I can answer the question better."}]
+PLUS_ANSWERS = ['"thoughts🤔" THOUGHT1\n"actions🚀" [{"API_name": "grounding_dino", "API_params": {"caption": '
+                '"girl . cart"}}]\n"value👉" I will use grounding_dino to help to answer the question. Please wait for a '
+                'moment.\n', '"thoughts🤔" Thanks to the output of grounding_dino. I can answer the question better.\n'
+                '"actions🚀" []\n"value👉" ANSWER\n']
+PLUS_TOOL_TURN = (f"grounding_dino model outputs: {TOOL_OUTPUT}\n\nPlease summarize the model outputs and answer my first "
+                  f"question: {PLUS_QUESTION}")
+
+
+def supervised_runs(tokenizer, input_ids, labels):
+    """The decoded runs of consecutive supervised tokens."""
+    runs, run = [], []
+    for token, label in zip(input_ids + [None], labels + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            run.append(label)
+        elif run:
+            runs.append(run)
+            run = []
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+def test_llava_plus_sample_renders_to_the_official_strings_and_trains_only_the_assistant_turns(llama_tokenizer):
+    """The fact sheet's v1 and v0 training strings, character for character, with the real LLaMA tokenizer; the label
+    spans are exactly the two assistant turns (v1: each with its "</s>"; v0: each through the "###" after it, the
+    string serving stops at), the tool-result turn is a user turn and masked."""
+    assert [text for _, text in to_messages(PLUS_SAMPLE, True)] == ["<image>\n" + PLUS_QUESTION, PLUS_ANSWERS[0],
+                                                                     PLUS_TOOL_TURN, PLUS_ANSWERS[1]]
+    v1 = (f"{SYSTEM_USER} USER: <image>\n{PLUS_QUESTION} ASSISTANT: {PLUS_ANSWERS[0]}</s>USER: {PLUS_TOOL_TURN} "
+          f"ASSISTANT: {PLUS_ANSWERS[1]}</s>")
+    v0 = (f"{SYSTEM_HUMAN}\n\n### Human: <image>\n{PLUS_QUESTION}\n### Assistant: {PLUS_ANSWERS[0]}\n### Human: "
+          f"{PLUS_TOOL_TURN}\n### Assistant: {PLUS_ANSWERS[1]}\n### ")
+    for template, prompt, ends in (("vicuna_v1", v1, "</s>"), ("llava_v0", v0, "\n###")):
+        input_ids, labels = preprocess(PLUS_SAMPLE, llama_tokenizer, template, has_image=1)
+        assert input_ids == tokenize_prompt(llama_tokenizer, prompt), template
+        runs = supervised_runs(llama_tokenizer, input_ids, labels)
+        assert [run.strip() for run in runs] == [(answer + ends).strip() for answer in PLUS_ANSWERS], template
+
+
+def test_plain_llava_turns_stay_plain_and_value_only_markers_are_not_added(llama_tokenizer):
+    plain = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    assert to_messages(plain, 1)[1][1] == "A cat."
+    # a LLaVA-158K turn as LLaVA-Plus converts it: an empty action list and a thought
+    converted = [plain[0], {"from": "gpt", "thoughts": "No tool is needed.", "actions": [], "value": "A cat."}]
+    assert to_messages(converted, 1)[1][1] == '"thoughts🤔" No tool is needed.\n"actions🚀" []\n"value👉" A cat.\n'
+    assert to_messages([plain[0], {"from": "gpt", "actions": [], "value": "A cat."}], 1)[1][1] == \
+        '"actions🚀" []\n"value👉" A cat.\n'  # a missing key drops its line
+
+
+def test_data_and_image_folders_may_each_be_several(tmp_path, toy_world):
+    """--data a.json,b.json and --image-folder d1,d2 as the official LLaVA-Plus scripts pass them: the records of both
+    files, in order, each image read from the first folder that holds it, errors naming the right file and line."""
+    images = Path(toy_world["images"])
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    shutil.copy(images / "train_00000.png", first / "a.png")
+    shutil.copy(images / "train_00001.png", first / "both.png")
+    shutil.copy(images / "train_00002.png", second / "both.png")
+    shutil.copy(images / "train_00003.png", second / "b.png")
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A shape."}]
+    (tmp_path / "a.json").write_text(json.dumps([dict(id=name, image=name, conversations=turns)
+                                                 for name in ("a.png", "both.png")]))
+    (tmp_path / "b.jsonl").write_text(json.dumps(dict(id="b", image="b.png", conversations=turns)) + "\n" +
+                                      json.dumps(dict(id="gone", image="nowhere.png", conversations=turns)) + "\n")
+    dataset = LazySupervisedDataset(f"{tmp_path / 'a.json'},{tmp_path / 'b.jsonl'}", f"{first},{second}",
+                                    load_tokenizer(toy_world["tokenizer"]), "vicuna_v1", image_size=32)
+    assert len(dataset) == 4 and [dataset[i]["id"] for i in range(3)] == ["a.png", "both.png", "b"]
+    assert dataset.image_path("both.png") == first / "both.png" and dataset.image_path("b.png") == second / "b.png"
+    with pytest.raises(DataError, match=r"sample gone \(.*b\.jsonl:2\): .*first.nowhere\.png: image file not found"):
+        dataset[3]
+    assert dataset.missing_images() == (4, ["nowhere.png"])
