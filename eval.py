@@ -310,7 +310,8 @@ def main(argv=None):
     score.add_argument("bench", choices=["vqav2", "textvqa", "vizwiz", "gqa", "pope", "sqa", "mme", "mmbench", "seed"])
     score.add_argument("--answers", required=True, help="the answers jsonl")
     score.add_argument("--annotations", required=True, help="the ground truth file or folder (see below)")
-    score.add_argument("--questions", help="the question jsonl (vizwiz and pope only)")
+    score.add_argument("--questions", help="the question file (vizwiz and pope: required; vqav2: the questions to "
+                       "score; not taken by the others)")
     score.add_argument("--split", default="test", help="ScienceQA split in pid_splits.json (default: test)")
 
     args = parser.parse_args(argv)

@@ -3,7 +3,8 @@ scored, and how their ground-truth files are read. Each scorer is a pure functio
 of the ground truth as the benchmark ships it, reproducing one official script:
 
   normalize_answer    EvalAIAnswerProcessor in llava/eval/m4c_evaluator.py (from MMF; the VQA servers' normalization)
-  score_vqav2         VQAv2 val accuracy: 10-annotator leave-one-out soft accuracy, m4c TextVQAAccuracyEvaluator
+  score_vqav2         scripts/convert_vqav2_for_submission.py (an empty answer for each question without one) +
+                      VQAv2 val accuracy: 10-annotator leave-one-out soft accuracy, m4c TextVQAAccuracyEvaluator
   score_textvqa       llava/eval/eval_textvqa.py (answers matched by image id + question text) + the same evaluator
   score_vizwiz        the same accuracy over val.json, plus the unanswerable F1 of the VizWiz VQA evaluation code
   score_gqa           scripts/convert_gqa_for_eval.py (text.rstrip('.').lower()) + the official GQA eval.py accuracy
@@ -19,7 +20,7 @@ their val splits. All metrics are percentages, like the paper's table (MME: sum 
 """
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from model import IMAGE_MARKER
@@ -154,7 +155,9 @@ def percent(hits):
 
 
 def by_key(answers, key):
-    """Answer records by `key(record)`; two answers to one question are an error, not a silent overwrite."""
+    """Answer records by `key(record)`; two answers to one question are an error, not a silent overwrite. The
+    official scripts keep the last one (dicts), score both (eval_textvqa.py) or shift every later pairing with the
+    labels (eval_pope.py, MME's calculation.py); two answers mean files merged twice or two runs mixed."""
     index = {}
     for answer in answers:
         k = key(answer)
@@ -165,6 +168,8 @@ def by_key(answers, key):
 
 
 def unknown_question(question_id):
+    # the official converters of VQAv2, VizWiz, GQA, MMBench and SEED drop such an answer unseen; it means the
+    # answers or the ground truth are another benchmark's or split's file
     return ValueError(f"answer for unknown question_id {question_id!r}: it is not in the ground truth")
 
 
@@ -180,7 +185,7 @@ def vqa_accuracy(prediction, gt_answers):
 
 
 def _vqa_report(scored):
-    """scored: (prediction, gt_answers, answer_type) per answered question."""
+    """scored: (prediction, gt_answers, answer_type) per scored question."""
     by_type = defaultdict(list)
     for prediction, gt_answers, answer_type in scored:
         by_type[answer_type].append(vqa_accuracy(prediction, gt_answers))
@@ -191,19 +196,29 @@ def _vqa_report(scored):
     return report
 
 
-def score_vqav2(answers, annotations):
-    """annotations: the parsed v2_mscoco_val2014_annotations.json ({"annotations": [...]}).
+def score_vqav2(answers, annotations, question_ids=None):
+    """annotations: the parsed v2_mscoco_val2014_annotations.json ({"annotations": [...]}); question_ids: the
+    questions to score (a question file's), by default every annotated one.
 
-    Like m4c, this normalizes the human answers too; the VQA server's vqaEval.py only cleans them when the ten
-    disagree, which differs only where the annotation file holds an unnormalized answer."""
+    A question without an answer gets the empty answer scripts/convert_vqav2_for_submission.py writes for it, which
+    scores 0, and is counted in `unanswered`; an answer to an annotated question outside question_ids is not
+    scored (the converter only writes the question file's). Like m4c, this normalizes the human answers too; the
+    VQA server's vqaEval.py only cleans them when the ten disagree, which differs only where the annotation file
+    holds an unnormalized answer."""
     truth = {a["question_id"]: a for a in annotations["annotations"]}
+    by_id = by_key(answers, lambda a: a["question_id"])
+    for question_id in by_id:
+        if question_id not in truth:
+            raise unknown_question(question_id)
+    question_ids = dict.fromkeys(truth if question_ids is None else question_ids)  # file order, once each
     scored = []
-    for answer in by_key(answers, lambda a: a["question_id"]).values():
-        if answer["question_id"] not in truth:
-            raise unknown_question(answer["question_id"])
-        ann = truth[answer["question_id"]]
-        scored.append((answer["text"], [a["answer"] for a in ann["answers"]], ann["answer_type"]))
-    return _vqa_report(scored)
+    for question_id in question_ids:
+        if question_id not in truth:
+            raise ValueError(f"question_id {question_id!r} of the question file is not in the annotations")
+        ann = truth[question_id]
+        text = by_id[question_id]["text"] if question_id in by_id else ""
+        scored.append((text, [a["answer"] for a in ann["answers"]], ann["answer_type"]))
+    return {**_vqa_report(scored), "unanswered": len(question_ids.keys() - by_id.keys())}
 
 
 def _textvqa_question(prompt):
@@ -336,15 +351,17 @@ def sqa_letter(text):
 def score_sqa(answers, problems, pid_splits, split="test"):
     """problems / pid_splits: the parsed problems.json and pid_splits.json of ScienceQA.
 
-    A question without an answer counts as FAILED, as in eval_science_qa.py. IMG-Accuracy (the number LLaVA reports)
-    is over the answers whose prompt holds "<image>", as the original reads it (model_vqa_science writes it for the
-    questions with an image): a question left unanswered counts against Accuracy but not in IMG-Accuracy."""
+    As in eval_science_qa.py, the split's questions are scored and answers to other splits' questions ignored (a
+    full answers file scores any split), and a question without an answer counts as FAILED. IMG-Accuracy (the
+    number LLaVA reports) is over the answers whose prompt holds "<image>", as the original reads it
+    (model_vqa_science writes it for the questions with an image): a question left unanswered counts against
+    Accuracy but not in IMG-Accuracy."""
     if split not in pid_splits:
         raise ValueError(f"pid_splits.json has no split {split!r}")
-    split_pids = set(pid_splits[split])
+    every_pid = {pid for pids in pid_splits.values() for pid in pids}
     by_pid = by_key(answers, lambda a: str(a["question_id"]))
     for pid in by_pid:
-        if pid not in split_pids:
+        if pid not in every_pid:
             raise unknown_question(pid)
     hits, image_hits, failed = [], [], 0
     for pid in pid_splits[split]:
@@ -357,7 +374,8 @@ def score_sqa(answers, problems, pid_splits, split="test"):
         if IMAGE_MARKER in by_pid.get(pid, {}).get("prompt", ""):
             image_hits.append(hits[-1])
     return {"accuracy": percent(hits), "img_accuracy": percent(image_hits), "questions": len(hits),
-            "img_questions": len(image_hits), "failed": failed}
+            "img_questions": len(image_hits), "failed": failed,
+            "unanswered": sum(pid not in by_pid for pid in pid_splits[split])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,8 +405,13 @@ def score_mme(answers, ground_truth):
     """ground_truth: records {"category", "file", "question", "answer"} read from MME_Benchmark_release_version.
 
     acc = right questions / questions, acc+ = images with both questions right / images, and a category's score
-    is acc + acc+ (in percent, max 200); perception and cognition are the sums over their categories."""
+    is acc + acc+ (in percent, max 200); perception and cognition are the sums over their categories.
+
+    calculation.py takes a category's answers two by two as one image's, so it needs every answer. Here a question
+    without an answer is left out and counted in `unanswered`: acc is over the answered questions, acc+ over the
+    images with all their questions answered, and a category without answers is not in the sums."""
     truth = {(r["category"], r["file"], _mme_question(r["question"])): r["answer"].lower() for r in ground_truth}
+    questions_of_image = Counter((category, file) for category, file, _ in truth)
     hits, image_hits = defaultdict(list), defaultdict(lambda: defaultdict(list))
     for answer in by_key(answers, lambda a: (a["question_id"], a["prompt"])).values():
         # question_id is "category/[images/]name.ext"; the ground truth of that image is in name.txt
@@ -398,16 +421,18 @@ def score_mme(answers, ground_truth):
             raise unknown_question(answer["question_id"])
         correct = mme_yes_no(answer["text"]) == truth[key]
         hits[category].append(correct)
-        image_hits[category][answer["question_id"]].append(correct)
+        image_hits[category][key[1]].append(correct)
     order = MME_PERCEPTION + MME_COGNITION
     categories = {}
     for category in sorted(hits, key=lambda c: order.index(c) if c in order else len(order)):
         acc = percent(hits[category])
-        acc_plus = percent([all(image) for image in image_hits[category].values()])
+        acc_plus = percent([all(image) for file, image in image_hits[category].items()
+                            if len(image) == questions_of_image[category, file]])
         categories[category] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
     return {"categories": categories,
             "perception": float(sum(c["score"] for name, c in categories.items() if name in MME_PERCEPTION)),
-            "cognition": float(sum(c["score"] for name, c in categories.items() if name in MME_COGNITION))}
+            "cognition": float(sum(c["score"] for name, c in categories.items() if name in MME_COGNITION)),
+            "unanswered": len(truth) - sum(len(category_hits) for category_hits in hits.values())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,7 +476,8 @@ def score_mmbench(answers, rows):
     for index in by_index.keys() - answered:
         group_hits[index % 1_000_000].append(False)
     right = {index: all(group_hits[index]) for index in by_index if index < 1_000_000}
-    report = {"accuracy": percent(list(right.values())), "questions": len(right)}
+    report = {"accuracy": percent(list(right.values())), "questions": len(right),
+              "unanswered": len(by_index.keys() - answered)}
     for column in ("category", "l2-category"):
         groups = defaultdict(list)
         for index, is_right in right.items():
@@ -482,12 +508,21 @@ def score_seed(answers, annotations):
         by_data[question["data_type"]].append(hits[-1])
         by_type[type_name[question["question_type_id"]]].append(hits[-1])
     return {"accuracy": percent(hits), "questions": len(hits),
+            "unanswered": sum(str(q["question_id"]) not in by_id for q in annotations["questions"]),
             "by_data_type": {name: percent(by_data[name]) for name in sorted(by_data)},
             "by_question_type": {name: percent(by_type[name]) for name in sorted(by_type)}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # reading the files each benchmark ships
+
+def read_question_ids(path):
+    """The question_ids of VQAv2's v2_OpenEnded_mscoco_*_questions.json ({"questions": [...]}), or of a question
+    jsonl in LLaVA's format (a name ending in .jsonl)."""
+    if str(path).endswith(".jsonl"):
+        return [q["question_id"] for q in read_jsonl(path, required=("question_id",))]
+    return [q["question_id"] for q in read_json(path)["questions"]]
+
 
 def read_pope_labels(directory):
     """{category: lines} from the coco_pope_{category}.json files (jsonl despite the name) of a directory."""
@@ -520,9 +555,11 @@ def read_mme_ground_truth(root):
 def score_files(bench, answers_path, annotations, questions=None, split="test"):
     """Read the files of one benchmark and score them (the inputs each bench takes are listed in SCORE_INPUTS)."""
     check_input("--answers", answers_path)
-    if bench in ("vizwiz", "pope"):
-        if questions is None:
-            raise ValueError(f"{bench} needs --questions (LLaVA's question jsonl)")
+    if bench in ("vizwiz", "pope") and questions is None:
+        raise ValueError(f"{bench} needs --questions (LLaVA's question jsonl)")
+    if questions is not None:
+        if bench not in ("vqav2", "vizwiz", "pope"):
+            raise ValueError(f"{bench} takes no --questions: its ground truth lists the questions")
         check_input("--questions", questions)
     check_input("--annotations", annotations, "directory" if bench in ("pope", "sqa", "mme") else "file")
     if bench == "sqa":
@@ -531,7 +568,7 @@ def score_files(bench, answers_path, annotations, questions=None, split="test"):
                 raise FileNotFoundError(f"--annotations {annotations}: no {name} in it")
     answers = read_jsonl(answers_path, required=("question_id", "prompt", "text"))
     if bench == "vqav2":
-        return score_vqav2(answers, read_json(annotations))
+        return score_vqav2(answers, read_json(annotations), None if questions is None else read_question_ids(questions))
     if bench == "textvqa":
         return score_textvqa(answers, read_json(annotations))
     if bench == "vizwiz":
@@ -580,7 +617,8 @@ def format_report(title, report):
 
 SCORE_INPUTS = """\
 what each benchmark reads (the files of the LLaVA-1.5 eval data and of the benchmarks themselves):
-  vqav2    --annotations v2_mscoco_val2014_annotations.json
+  vqav2    --annotations v2_mscoco_val2014_annotations.json  [--questions v2_OpenEnded_mscoco_val2014_questions.json
+           or LLaVA's QUESTIONS.jsonl: the questions to score; default every annotated one]
   textvqa  --annotations TextVQA_0.5.1_val.json
   vizwiz   --questions QUESTIONS.jsonl (LLaVA format: question_id, image)  --annotations val.json
   gqa      --annotations testdev_balanced_questions.json
@@ -589,6 +627,20 @@ what each benchmark reads (the files of the LLaVA-1.5 eval data and of the bench
   mme      --annotations MME_Benchmark_release_version/
   mmbench  --annotations mmbench_dev_20230712.tsv
   seed     --annotations SEED-Bench.json
+
+a question without an answer (each report but pope's counts them as `unanswered`; mmbench counts tsv rows):
+  is wrong     vqav2 (the official converter writes an empty answer for it), sqa (FAILED), mmbench (its question
+               fails), seed; over every question of the ground truth, of --questions (vqav2) or of --split (sqa)
+  is left out  textvqa (eval_textvqa.py scores the answered ones), vizwiz, gqa (their official scripts refuse the
+               file), mme (calculation.py takes the answers two by two as one image's); mme's acc+ then counts only
+               the images with all their questions answered
+  is an error  pope (eval_pope.py pairs answers with labels by position)
+an answer to a question the ground truth does not hold is an error: the answers or the ground truth are another
+benchmark's or split's (the official converters of vqav2, vizwiz, gqa, mmbench and seed drop it silently). sqa scores
+the questions of --split and ignores answers to the other splits', as eval_science_qa.py does; vqav2 with
+--questions ignores answers to annotated questions outside that file, as its converter does.
+two answers to one question are an error (official scripts keep the last one, or score both: textvqa, or pair all
+later answers with the wrong labels: pope, mme).
 
 example:
   python eval.py score pope --answers answers/pope.jsonl --questions llava_pope_test.jsonl --annotations pope/coco

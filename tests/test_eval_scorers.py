@@ -75,6 +75,52 @@ def test_vqav2():
     assert report["by_answer_type"] == pytest.approx({"number": 60.0, "other": 60.0, "yes/no": 100.0})
 
 
+def test_vqav2_unanswered_question_scores_zero():
+    # scripts/convert_vqav2_for_submission.py writes an empty answer for every question without one: it scores 0
+    # and the average stays over all 5 annotated questions. Left out: q262148001 (1.0) and q393225001 (0.3)
+    # accuracy = (0.6 + 0 + 0.9 + 0 + 0.6) / 5 = 2.1 / 5 = 42% (over the answered ones it would be 2.1 / 3 = 70%)
+    # number (0.6 + 0.6) / 2 = 60%, other (0.9 + 0) / 2 = 45%, yes/no 0 / 1 = 0%
+    answers = [a for a in read_jsonl(fixture("vqav2", "answers.jsonl"))
+               if a["question_id"] not in (262148001, 393225001)]
+    report = benchmarks.score_vqav2(answers, read_json(fixture("vqav2", "v2_mscoco_val2014_annotations.json")))
+    assert report == {"accuracy": pytest.approx(42.0), "questions": 5, "unanswered": 2,
+                      "by_answer_type": pytest.approx({"number": 60.0, "other": 45.0, "yes/no": 0.0})}
+
+
+VQAV2_QUESTIONS = [{"image_id": 262148, "question": "How many giraffes are there?", "question_id": 262148000},
+                   {"image_id": 262148, "question": "Is the sky blue?", "question_id": 262148001},
+                   {"image_id": 393225, "question": "What animal is this?", "question_id": 393225000}]
+
+
+@pytest.mark.parametrize("layout", ["official json", "llava jsonl"])
+def test_vqav2_question_file_chooses_the_questions(tmp_path, layout):
+    # --questions holds 3 of the 5 annotated questions; the answer to 262148001 is dropped:
+    #   262148000 "Two" 0.6, 262148001 unanswered 0, 393225000 "A dog" 0.9 -> (0.6 + 0 + 0.9) / 3 = 50%
+    # the answers to 393225001 and 393226000 are annotated but not asked: not scored, as the converter writes
+    # only the question file's
+    if layout == "official json":
+        questions = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+        questions.write_text(json.dumps({"data_subtype": "val2014", "questions": VQAV2_QUESTIONS}))
+    else:
+        questions = tmp_path / "llava_vqav2_val.jsonl"
+        questions.write_text("".join(json.dumps({"question_id": q["question_id"], "image": "x.jpg",
+                                                 "text": q["question"]}) + "\n" for q in VQAV2_QUESTIONS))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(a) + "\n" for a in read_jsonl(fixture("vqav2", "answers.jsonl"))
+                               if a["question_id"] != 262148001))
+    report = benchmarks.score_files("vqav2", answers, fixture("vqav2", "v2_mscoco_val2014_annotations.json"),
+                                    questions)
+    assert report == {"accuracy": pytest.approx(50.0), "questions": 3, "unanswered": 1,
+                      "by_answer_type": pytest.approx({"number": 60.0, "other": 90.0, "yes/no": 0.0})}
+
+
+def test_vqav2_question_without_annotation_is_an_error():
+    answers = read_jsonl(fixture("vqav2", "answers.jsonl"))
+    annotations = read_json(fixture("vqav2", "v2_mscoco_val2014_annotations.json"))
+    with pytest.raises(ValueError, match="question_id 999 of the question file is not in the annotations"):
+        benchmarks.score_vqav2(answers, annotations, [262148000, 999])
+
+
 def test_textvqa_matches_by_image_and_question():
     # two answers share question_id 003a8ae2ef43b901 (it is the image id); the question text tells them apart
     # "Dakota Digital" vs "dakota" x7, "dakota digital" x3            k=3  -> 0.9
@@ -207,7 +253,27 @@ def test_sqa():
                             read_json(fixture("sqa", "problems.json")),
                             read_json(fixture("sqa", "pid_splits.json")))
     assert report == pytest.approx(
-        {"accuracy": 300 / 7, "img_accuracy": 200 / 3, "questions": 7, "img_questions": 3, "failed": 3})
+        {"accuracy": 300 / 7, "img_accuracy": 200 / 3, "questions": 7, "img_questions": 3, "failed": 3,
+         "unanswered": 2})
+
+
+def test_sqa_split_of_a_full_answers_file():
+    # eval_science_qa.py scores the split's questions and ignores the other answers. The answers file also answers
+    # pid 6 (train); --split minitest holds pids 1 4 7:
+    #   1 image "B" right; 4 image "I think it is ..." FAILED; 7 no answer, FAILED (not IMG)
+    #   accuracy 1/3 = 33.33%, IMG (1, 4) 1/2 = 50%, 2 FAILED, 1 unanswered; answers to 2 3 5 6 not scored
+    # and --split test scores as test_sqa does: the train answer is ignored there too
+    answers = read_jsonl(fixture("sqa", "answers.jsonl")) + [
+        {"question_id": "6", "prompt": "<image>\nWhich ocean is highlighted?", "text": "A"}]
+    problems, pid_splits = read_json(fixture("sqa", "problems.json")), read_json(fixture("sqa", "pid_splits.json"))
+    report = benchmarks.score_sqa(answers, problems, pid_splits, split="minitest")
+    assert report == pytest.approx(
+        {"accuracy": 100 / 3, "img_accuracy": 50.0, "questions": 3, "img_questions": 2, "failed": 2, "unanswered": 1})
+    assert benchmarks.score_sqa(answers, problems, pid_splits)["accuracy"] == pytest.approx(300 / 7)
+    # an answer to a question of no split is still an error: the answers are another benchmark's
+    with pytest.raises(ValueError, match="unknown question_id '99'"):
+        benchmarks.score_sqa(answers + [{"question_id": "99", "prompt": "?", "text": "A"}], problems, pid_splits,
+                             split="minitest")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,12 +308,28 @@ def test_mme():
         "categories": {"existence": {"acc": 75.0, "acc_plus": 50.0, "score": 125.0},
                        "artwork": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0},
                        "code_reasoning": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}},
-        "perception": 175.0, "cognition": 50.0}
+        "perception": 175.0, "cognition": 50.0, "unanswered": 0}
     perception_only = [a for a in read_jsonl(fixture("mme", "answers.jsonl")) if "code" not in a["question_id"]]
     ground_truth = benchmarks.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version"))
     report = benchmarks.score_mme(perception_only, ground_truth)
     assert report["cognition"] == 0.0  # printed as perception is ("0.00"), not as an int ("0")
+    assert report["unanswered"] == 2  # code_reasoning's two questions
     assert f"{'cognition':<16}{'0.00':>10}" in benchmarks.format_report("mme", report).splitlines()
+
+
+def test_mme_unanswered_question_is_left_out_of_acc_and_acc_plus():
+    # calculation.py takes the answers two by two as one image's, so it cannot score a file with one missing.
+    # Left out: existence 000000006040 "train" (right). existence then:
+    #   acc over the 3 answered: bed right, bed right, dog wrong -> 2/3 = 66.67
+    #   acc+ over the images with both questions answered: only 000000018150, wrong -> 0/1 = 0
+    #   score 66.67 (judging 000000006040 on its one answer would give acc+ 1/2 and 116.67)
+    # artwork 50 and code_reasoning 50 as in test_mme: perception = 66.67 + 50, cognition 50, 1 unanswered
+    answers = [a for a in read_jsonl(fixture("mme", "answers.jsonl")) if "train" not in a["prompt"]]
+    report = benchmarks.score_mme(answers,
+                                  benchmarks.read_mme_ground_truth(fixture("mme", "MME_Benchmark_release_version")))
+    assert report["categories"]["existence"] == pytest.approx({"acc": 200 / 3, "acc_plus": 0.0, "score": 200 / 3})
+    assert report["perception"] == pytest.approx(200 / 3 + 50)
+    assert (report["cognition"], report["unanswered"]) == (50.0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +360,7 @@ def test_mmbench_circular():
     report = benchmarks.score_mmbench(read_jsonl(fixture("mmbench", "answers.jsonl")),
                                 read_tsv(fixture("mmbench", "mmbench_dev_20230712.tsv")))
     assert report["accuracy"] == 50.0
-    assert report["questions"] == 4
+    assert (report["questions"], report["unanswered"]) == (4, 0)
     assert report["by_category"] == {"attribute_recognition": 100.0, "image_scene": 50.0, "image_style": 0.0}
     assert report["by_l2_category"] == pytest.approx(
         {"coarse_perception": 100 / 3, "finegrained_perception (instance-level)": 100.0})
@@ -288,7 +370,7 @@ def test_mmbench_unanswered_row_fails_its_question():
     # drop the answer of row 1000000: q0 loses its second rotation -> q0 wrong; right: q2 only -> 1/4 = 25%
     answers = [a for a in read_jsonl(fixture("mmbench", "answers.jsonl")) if a["question_id"] != 1000000]
     report = benchmarks.score_mmbench(answers, read_tsv(fixture("mmbench", "mmbench_dev_20230712.tsv")))
-    assert report["accuracy"] == 25.0
+    assert (report["accuracy"], report["questions"], report["unanswered"]) == (25.0, 4, 1)
 
 
 def test_mmbench_all_rounds_answers():
@@ -323,7 +405,7 @@ def test_seed():
     # Scene Understanding 1/2 = 50%, Instance Identity 1/1 = 100%, Action Recognition 1/2 = 50%
     report = benchmarks.score_seed(read_jsonl(fixture("seed", "answers.jsonl")),
                              read_json(fixture("seed", "SEED-Bench.json")))
-    assert report["accuracy"] == 60.0
+    assert (report["accuracy"], report["questions"], report["unanswered"]) == (60.0, 5, 1)
     assert report["by_data_type"] == pytest.approx({"image": 200 / 3, "video": 50.0})
     assert report["by_question_type"] == {"Action Recognition": 50.0, "Instance Identity": 100.0,
                                           "Scene Understanding": 50.0}
@@ -360,6 +442,17 @@ def test_cli_scores_pope():
     lines = result.stdout.splitlines()
     assert lines[-1].split() == ["mean_f1", "66.67"]
     assert "random" in result.stdout and "33.33" in result.stdout
+
+
+def test_cli_scores_vqav2_with_questions(tmp_path):
+    # the question file holds 3 of the 5 annotated questions, all answered: (0.6 + 1.0 + 0.9) / 3 = 83.33%
+    questions = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+    questions.write_text(json.dumps({"questions": VQAV2_QUESTIONS}))
+    result = run_cli("score", "vqav2", "--answers", str(fixture("vqav2", "answers.jsonl")), "--questions",
+                     str(questions), "--annotations", str(fixture("vqav2", "v2_mscoco_val2014_annotations.json")))
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert ["accuracy", "83.33"] in lines and ["questions", "3"] in lines and ["unanswered", "0"] in lines
 
 
 def test_cli_names_the_malformed_line(tmp_path):
@@ -422,6 +515,8 @@ def unreadable_inputs(tmp_path):
         "questions": (["pope", "--answers", pope[1], "--questions", gone, "--annotations", fixture("pope", "coco")],
                       f"--questions {gone}: no such file"),
         "annotation folder": (["pope", *pope, "--annotations", gone], f"--annotations {gone}: no such directory"),
+        "questions not taken": (["gqa", *gqa, "--questions", pope[3]],
+                                "gqa takes no --questions: its ground truth lists the questions"),
         "answers folder": (["gqa", *gqa[2:], "--answers", tmp_path], f"--answers {tmp_path}: not a file"),
         "sqa file": (["sqa", "--answers", fixture("sqa", "answers.jsonl"), "--annotations", sqa],
                      f"--annotations {sqa}: no pid_splits.json in it"),
@@ -433,8 +528,8 @@ def unreadable_inputs(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["answers", "annotations", "questions", "annotation folder", "answers folder",
-                                  "sqa file", "not utf-8", "mme line"])
+@pytest.mark.parametrize("case", ["answers", "annotations", "questions", "annotation folder", "questions not taken",
+                                  "answers folder", "sqa file", "not utf-8", "mme line"])
 def test_cli_unreadable_input_is_one_line_naming_it(tmp_path, capsys, case):
     args, message = unreadable_inputs(tmp_path)[case]
     with pytest.raises(SystemExit) as exit_:
