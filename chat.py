@@ -22,6 +22,7 @@ import argparse
 import os
 import shlex
 import sys
+from functools import partial
 
 import torch
 
@@ -30,12 +31,14 @@ try:
 except ImportError:
     pass
 
+import tools
 from clip import preprocess_image
 from data import CONV_TEMPLATES, render, tokenize_prompt
 from model import IMAGE_MARKER, IMAGE_TOKEN_INDEX
 from plumbing.checkpoints import CheckpointError, latest_model, load_for_inference
 from plumbing.cli import DTYPES, check_sampling, resolve_device, resolve_dtype
 from plumbing.files import DataError, open_local_image
+from toy import TOY_TOOLS
 
 RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")  # train.py writes runs/LATEST
 COMMANDS = "commands: /image PATH [PATH ...] (a new conversation about other images), /reset, /quit"
@@ -64,9 +67,11 @@ class ChatSession:
     def reset(self, images=None):
         """Start a new conversation, about new PIL images if given."""
         if images is not None:
-            config = self.model.config
-            self.pixels = torch.stack([preprocess_image(image, config.vision.image_size, config.image_aspect_ratio)
-                                       for image in images]).to(self.device)  # (I, 3, S, S)
+            config, size = self.model.config, self.model.config.vision.image_size
+            self.images = images  # PIL, for the tools
+            pixels = [preprocess_image(image, size, config.image_aspect_ratio) for image in images]
+            pixels = torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size)  # (I, 3, S, S)
+            self.pixels = pixels.to(self.device)
         self.messages = []  # [(0 user | 1 assistant, text)]
         self.cached_ids = []  # the ids whose keys and values are in the KV cache, in order
         self.cut_short = False  # whether the last answer ran into the end of the context
@@ -92,14 +97,17 @@ class ChatSession:
         while reuse < min(len(ids) - 1, len(self.cached_ids)) and ids[reuse] == self.cached_ids[reuse]:
             reuse += 1
         sampled, shown = [], ""
+        stop = self.conv.sep if self.conv.style == "single" else None  # llava_v0 ends an answer with "###", not EOS
 
         def on_token(token):  # token (1,)
             nonlocal shown
             sampled.append(int(token[0]))
-            if stream is None:
+            if stream is None and stop is None:
                 return
             text = self.tokenizer.decode(sampled)  # the whole answer so far: "▁" and byte pieces decode right
-            if not text.endswith("\ufffd"):  # not while a UTF-8 character is incomplete
+            if stop is not None and stop in text:
+                return torch.ones(1, dtype=torch.bool, device=token.device)
+            if stream is not None and not text.endswith("\ufffd"):  # not while a UTF-8 character is incomplete
                 stream(text[len(shown):])
                 shown = text
 
@@ -114,7 +122,7 @@ class ChatSession:
         # stopped by the context's end, not by EOS or --max-new-tokens: the CLI says so
         self.cut_short = (len(sampled) == limit - needed < self.max_new_tokens
                           and sampled[-1] != self.model.config.text.eos_token_id)
-        answer = self.tokenizer.decode(sampled)
+        answer = self.tokenizer.decode(sampled).split(stop)[0] if stop else self.tokenizer.decode(sampled)
         if stream is not None and answer != shown:
             stream(answer[len(shown):])
         answer = answer.strip().replace(IMAGE_MARKER, "")
@@ -126,8 +134,26 @@ class ChatSession:
 # the command line
 
 
-def interactive(session: ChatSession):
-    """Read questions and commands until /quit or the end of input; stream each answer."""
+def ask_with_tools(session: ChatSession, question: str, skills: dict, server=None, show_thoughts=False,
+                   max_rounds=1) -> str:
+    """LLaVA-Plus (tools.py): the loop's final value. With show_thoughts its steps go to stderr; a tool's problem is
+    one line there, and an image with a tool's boxes drawn is saved (its path said)."""
+    image = session.images[0] if session.images else None
+    steps = tools.answer(session.ask, image, question, skills, server, max_rounds)
+    for step in steps:
+        if show_thoughts:
+            print(tools.show(step), file=sys.stderr)
+        if step.problem:
+            print(f"chat.py: {step.problem}", file=sys.stderr)
+        if step.result and step.result.get("boxes") and image is not None:
+            path = tools.save_boxes(image, step.result, os.path.join(RUNS, "chat"))
+            print(f"chat.py: {step.tool}'s boxes drawn on the image: {path}", file=sys.stderr)
+    return steps[-1].value
+
+
+def interactive(session: ChatSession, with_tools=None):
+    """Read questions and commands until /quit or the end of input; stream each answer, or with tools show
+    with_tools(session, question), the final one."""
     print(COMMANDS, file=sys.stderr)
     while True:
         try:
@@ -165,8 +191,11 @@ def interactive(session: ChatSession):
             labelled = True
 
         try:
-            session.ask(line, stream)
-            print()
+            if with_tools is None:
+                session.ask(line, stream)
+                print()
+            else:  # the first answer is the model's plan, not for the user: no streaming
+                print("ASSISTANT: " + with_tools(session, line))
             if session.cut_short:
                 print(f"(cut short: the context's {session.model.config.text.max_position_embeddings} positions are "
                       "full; /reset to start over)")
@@ -190,6 +219,12 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; CUDA graphs on a GPU): faster answers after a "
                         "first one that waits for the compiler")
+    p.add_argument("--tools", action="store_true", help="LLaVA-Plus: let the model call the toy world's tools "
+                   "(detect, measure); the answer shown is the final value")
+    p.add_argument("--tool-server", metavar="URL", help="LLaVA-Plus: the controller of the official tool workers")
+    p.add_argument("--show-thoughts", action="store_true", help="with tools: show thoughts, actions and tool results")
+    p.add_argument("--max-tool-rounds", type=int, default=1, metavar="N",
+                   help="with tools: tool calls per question (default 1, as the official demo)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="auto: fp16 on cuda, as the official CLI and eval.py, fp32 on cpu (the names train.py "
@@ -222,16 +257,21 @@ def main(argv=None) -> int:
         print(f"chat.py: the automatic template is {template}; using {args.conv_mode} (--conv-mode)", file=sys.stderr)
     session = ChatSession(model, tokenizer, args.conv_mode or template, images, args.max_new_tokens,
                           args.temperature, args.top_p, args.seed, args.compile)
+    with_tools = None  # LLaVA-Plus's loop
+    if args.tools or args.tool_server:
+        with_tools = partial(ask_with_tools, skills=TOY_TOOLS if args.tools else {}, show_thoughts=args.show_thoughts,
+                             server=args.tool_server and tools.ToolServer(args.tool_server),
+                             max_rounds=args.max_tool_rounds)
     if not args.prompt:
         print(f"{model_dir} ({args.conv_mode or template} template, {args.device}, "
               f"{str(args.dtype).removeprefix('torch.')})", file=sys.stderr)
         if args.compile:
             print("--compile: the first answer waits for the compiler", file=sys.stderr)
-        interactive(session)
+        interactive(session, with_tools)
         return 0
     for question in args.prompt:
         try:
-            print(session.ask(question), flush=True)
+            print(session.ask(question) if with_tools is None else with_tools(session, question), flush=True)
             if session.cut_short:
                 print(f"chat.py: that answer was cut short at the end of the context "
                       f"({model.config.text.max_position_embeddings} positions)", file=sys.stderr)

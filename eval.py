@@ -23,6 +23,7 @@ plumbing/benchmarks.py.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import tools
+from chat import ChatSession
 from clip import preprocess_image
 from data import CONV_TEMPLATES, render, tokenize_prompt
 from model import IMAGE_MARKER
@@ -40,7 +43,8 @@ from plumbing.benchmarks import SCORE_INPUTS, format_report, mmbench_questions, 
 from plumbing.checkpoints import CheckpointError, latest_model, load_for_inference
 from plumbing.cli import DTYPES, check_sampling, leave_process_group, positive_int, resolve_device, resolve_dtype
 from plumbing.files import DataError, check_input, open_base64_image, open_image, read_json, read_jsonl, read_tsv
-from toy import ensure_toy_eval, ensure_toy_world, format_toy_table, score_toy
+from tools import ToolServer
+from toy import TOY_TOOLS, ensure_toy_eval, ensure_toy_world, format_toy_table, score_toy
 
 REPO = Path(__file__).resolve().parent
 
@@ -90,27 +94,48 @@ def answer_batch(model, tokenizer, conv, questions, image_folder, **sampling):
     return results
 
 
-def answer_questions(model, tokenizer, conv, questions, image_folder, answers, model_id, batch_size, progress,
-                     **sampling):
-    """Answer questions in batches, one line each to the open file `answers`; returns the ids that failed."""
-    failed = []
+def answer_with_tools(model, tokenizer, template, question, image_folder, skills, server, **sampling):
+    """One question through LLaVA-Plus's loop (tools.py): the steps, whose last value is the answer, or the DataError
+    of an image that cannot be read."""
+    try:
+        images = [question_image(question, image_folder)] if has_image(question) else []
+    except DataError as error:
+        return error
+    session = ChatSession(model, tokenizer, template, images, **sampling)
+    return tools.answer(session.ask, images[0] if images else None, question["text"], skills, server)
+
+
+def answer_questions(model, tokenizer, template, questions, image_folder, answers, model_id, batch_size, progress,
+                     skills=None, server=None, **sampling):
+    """Answer questions in batches, one line each to the open file `answers`; returns the ids that failed. With
+    skills (tools.py), one question at a time through LLaVA-Plus's loop: the answer's text is the last value, and its
+    `trace` every step."""
+    failed, conv = [], CONV_TEMPLATES[template]
     with tqdm(total=len(questions), desc="answering", unit="q", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
             batch = questions[start:start + batch_size]
-            for question, result in zip(batch, answer_batch(model, tokenizer, conv, batch, image_folder, **sampling)):
+            if skills is None:
+                results = answer_batch(model, tokenizer, conv, batch, image_folder, **sampling)
+            else:
+                results = [answer_with_tools(model, tokenizer, template, q, image_folder, skills, server, **sampling)
+                           for q in batch]
+            for question, result in zip(batch, results):
                 if isinstance(result, DataError):
                     tqdm.write(f"question {question['question_id']}: failed: {result}", file=sys.stderr)
                     failed.append(question["question_id"])
                     continue
+                trace = {} if skills is None else dict(trace=[dataclasses.asdict(step) for step in result])
                 answers.write(json.dumps(dict(question_id=question["question_id"], prompt=recorded_prompt(question),
-                                              text=result, **question.get("answer_fields", {}),
-                                              answer_id=uuid.uuid4().hex, model_id=model_id, metadata={})) + "\n")
+                                              text=result if skills is None else result[-1].value, **trace,
+                                              **question.get("answer_fields", {}), answer_id=uuid.uuid4().hex,
+                                              model_id=model_id, metadata={})) + "\n")
             answers.flush()  # a crash loses at most this batch
             bar.update(len(batch))
     return failed
 
 
-def run_generation(args, model_dir, questions, image_folder, answers_file, num_chunks=1, chunk_idx=0, resume=True):
+def run_generation(args, model_dir, questions, image_folder, answers_file, num_chunks=1, chunk_idx=0, resume=True,
+                   skills=None):
     """Answer this process's share of `questions` into answers_file, resuming it, or with resume=False starting it
     afresh (plumbing/answers.py: the share, the resume, the torchrun merge). Returns (answered, failed, skipped as
     already answered), summed over the processes, on rank 0; None elsewhere."""
@@ -129,9 +154,11 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
     failed = []
     with open_for_append(own_file, afresh=not resume) as answers:
         if todo:
-            failed = answer_questions(model, tokenizer, CONV_TEMPLATES[conv_mode], todo, image_folder, answers,
-                                      model_id, batch_size, progress=rank == 0, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p)
+            server = ToolServer(args.tool_server) if args.tool_server else None
+            failed = answer_questions(model, tokenizer, conv_mode, todo, image_folder, answers, model_id, batch_size,
+                                      progress=rank == 0, skills=skills, server=server,
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p)
     return finish_share([len(todo) - len(failed), len(failed), done], questions, answers_file, resume)
 
 
@@ -159,7 +186,8 @@ def evaluate_toy(args):
     # set has its own file, so that it does not replace the default run's answers
     name = f"toy_eval_answers_{args.toy_scenes}scenes.jsonl" if args.toy_scenes else "toy_eval_answers.jsonl"
     answers_file = Path(args.answers_file or Path(model_dir).parent / name)
-    counts = run_generation(args, model_dir, questions, world["images"], answers_file, resume=False)
+    # LLaVA-Plus's loop with the toy's tools; a model never taught the format answers plainly, which is its value
+    counts = run_generation(args, model_dir, questions, world["images"], answers_file, resume=False, skills=TOY_TOOLS)
     if counts is None:
         return
     print(f"toy evaluation of {model_dir} on {world['eval']}: {counts[1]} failed; answers in {answers_file}")
@@ -189,8 +217,9 @@ def generate_answers(args):
     model_dir = model_directory(args)
     if args.image_folder:
         check_input("--image-folder", args.image_folder, "directory")
+    skills = TOY_TOOLS if args.tools else {} if args.tool_server else None
     counts = run_generation(args, model_dir, questions, args.image_folder, args.answers_file, args.num_chunks,
-                            args.chunk_idx)
+                            args.chunk_idx, skills=skills)
     if counts is not None:
         answered, failed, skipped = counts
         print(f"{answered} answered, {failed} failed, {skipped} already answered: {args.answers_file}"
@@ -234,6 +263,8 @@ def add_generation_options(parser, defaults=True):
                         help="auto (default: the GPU if there is one), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default=default("auto"), choices=["auto", *DTYPES],
                         help="default: auto, fp16 on a GPU (as the official runners) and fp32 on the CPU")
+    parser.add_argument("--tool-server", default=default(None), metavar="URL",
+                        help="LLaVA-Plus: the controller of the official tool workers, for the tools a model calls")
 
 
 EXAMPLES = """\
@@ -297,6 +328,9 @@ def main(argv=None):
     generate.add_argument("--chunk-idx", type=int, default=0, help="... and answer this one (from 0)")
     generate.add_argument("--lang", choices=["en", "cn"], default="en",
                           help="MMBench: the language of the instruction to answer with a letter (cn for MMBench-CN)")
+    generate.add_argument("--tools", action="store_true",
+                          help="LLaVA-Plus: answer through the tool loop with the toy world's tools (detect, measure); "
+                               "the answers file keeps each answer's steps as `trace`")
     generate.add_argument("--all-rounds", action="store_true",
                           help="MMBench: ask each question once per rotation of its options (the official "
                                "--all-rounds; the official script asks once)")

@@ -186,7 +186,8 @@ class Llava(nn.Module):
         """Continue each prompt (a list of ids with IMAGE_TOKEN_INDEX placeholders); returns the new ids per prompt,
         without the EOS. Prompts are left-padded; the prefill runs once, then one token per step from the KV cache.
 
-        on_token(tokens (B,)) is called with each step's tokens (finished rows repeat the pad id) for streaming.
+        on_token(tokens (B,)) is called with each step's tokens (finished rows repeat the pad id) for streaming; it
+        may return a (B,) bool tensor of rows to end at this token.
         cache_start > 0 continues a single sequence whose first `cache_start` positions are already in the cache
         (a chat's earlier turns); cache_size sets the cache's length when a new one is made; keep_cache keeps it
         allocated afterwards, for such a continuation or for the next call to reuse (see Llama.setup_cache).
@@ -232,7 +233,9 @@ class Llava(nn.Module):
             token = token.masked_fill(finished, lm.config.pad_token_id)
             new_tokens.append(token)
             if on_token is not None:
-                on_token(token)
+                stop = on_token(token)
+                if stop is not None:  # the caller ends these rows (a stop string it reads in the text)
+                    finished |= stop
             finished |= token == eos
             # reading `finished` waits for the GPU: when nobody streams, look only every 16 tokens
             if step == max_new_tokens - 1 or ((on_token is not None or step % 16 == 15) and bool(finished.all())):

@@ -28,6 +28,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -40,7 +41,8 @@ from llama import Llama, LlamaConfig
 from plumbing.benchmarks import by_key, percent, unknown_question
 from plumbing.checkpoints import save_clip, save_llama
 from plumbing.files import open_image
-from plumbing.tokenizer import BOS_ID, EOS, UNK, BOS, llama_tokenizer, load_tokenizer
+from plumbing.tokenizer import BOS, BOS_ID, EOS, UNK, llama_tokenizer, load_tokenizer
+import tools
 
 # -----------------------------------------------------------------------------
 # the world: scenes, their pictures and their text
@@ -52,10 +54,16 @@ SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78)}  # centre x, y
 SIZES = {"small": 0.16, "large": 0.21}  # radius, as a fraction of the shorter side (large diagonal squares may touch)
 CANVASES = ((64, 64), (64, 64), (64, 64), (64, 48), (48, 64))  # some non-square, to exercise the padding
-EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no")
+EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no", "grounding", "describe")
 # how often stage 2 asks each kind of question: count (read off the whole image, learned first) and size (which the
 # eval never asks) half as often as the look-ups, which find an object by one attribute and read another
 QUESTION_WEIGHTS = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=1)
+# the kinds of stage-2 sample and how often each comes: mix665k's, and LLaVA-Plus's tool use
+STAGE2_MIX = dict(qa=52, describe=15, text=12, two_images=8, detect=9, measure=4)
+# what a newcomer asks first; every one of them is answered with the whole description
+DESCRIBE = ("Describe the image.", "Describe the image in detail.", "What is in this picture?",
+            "What do you see in the image?", "Tell me about this image.", "What does the image show?")
+NO_TOOL = "No tool needed."  # the thought of an answer without a tool (LLaVA-Plus's is a longer sentence)
 CAPTION_INSTRUCTIONS = ("Describe the image concisely.", "Give a brief description of the image.",
                         "Render a clear and concise summary of the photo.", "What is in this picture?")
 COLOUR_MIXES = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
@@ -78,13 +86,27 @@ def _scene_key(scene: dict) -> tuple:  # what a scene shows, up to a pixel of ji
                                                               for o in scene["objects"]))
 
 
+def _centre_radius(scene: dict, o: dict) -> tuple[float, float, float]:
+    w, h = scene["canvas"]
+    fx, fy = POSITIONS[o["position"]]
+    return fx * w + o["dx"], fy * h + o["dy"], SIZES[o["size"]] * min(w, h)
+
+
+def _box(scene: dict, o: dict) -> list[float]:
+    """An object's true box, normalized [x1, y1, x2, y2], rounded to 2 decimals as tools give them."""
+    (x, y, r), (w, h) = _centre_radius(scene, o), scene["canvas"]
+    half = 0.85 * r if o["shape"] == "square" else r  # as _draw draws each shape
+    bottom = 0.8 * r if o["shape"] == "triangle" else half
+    box = ((x - half) / w, (y - half) / h, (x + half) / w, (y + bottom) / h)
+    return [round(min(max(v, 0.0), 1.0), 2) for v in box]  # the canvas cuts off what lies beyond it
+
+
 def _draw(scene: dict) -> Image.Image:
     w, h = scene["canvas"]
     image = Image.new("RGB", (w, h), BACKGROUNDS[scene["background"]])
     draw = ImageDraw.Draw(image)
     for o in scene["objects"]:
-        fx, fy = POSITIONS[o["position"]]
-        x, y, r, fill = fx * w + o["dx"], fy * h + o["dy"], SIZES[o["size"]] * min(w, h), COLOURS[o["colour"]]
+        (x, y, r), fill = _centre_radius(scene, o), COLOURS[o["colour"]]
         if o["shape"] == "circle":
             draw.ellipse((x - r, y - r, x + r, y + r), fill)
         elif o["shape"] == "square":
@@ -164,26 +186,63 @@ def _with_image(question: str, rng: random.Random) -> str:  # the marker comes f
     return f"{IMAGE_MARKER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_MARKER}"
 
 
-def _turns(pairs: list) -> list[dict]:
-    return [dict(zip(("from", "value"), turn)) for q, a in pairs for turn in (("human", q), ("gpt", a))]
+def _turns(pairs: list, unified: bool = False) -> list[dict]:
+    """LLaVA's conversation turns of (question, answer) pairs; unified, each answer in LLaVA-Plus's format with no
+    tool, as LLaVA-Plus converts LLaVA-158K (an empty action list and a thought)."""
+    turns = []
+    for question, answer in pairs:
+        turns.append({"from": "human", "value": question})
+        turns.append({"from": "gpt", "thoughts": NO_TOOL, "actions": [], "value": answer} if unified else
+                     {"from": "gpt", "value": answer})
+    return turns
+
+
+def _tool_sample(scene: dict, file: str, tool: str, rng: random.Random) -> dict:
+    """A LLaVA-Plus conversation: the question, the tool call, the tool's result (run on the image here, as
+    LLaVA-Plus's data was made), and the answer read from it (official wordings: collect_data.py)."""
+    o = rng.choice(scene["objects"])
+    name = f"{o['colour']} {o['shape']}"
+    question = (f"Give the bounding box of the {name}." if tool == "detect" else
+                f"How many pixels does the {name} cover?")
+    result = tools.clean_result(tool, TOY_TOOLS[tool](_draw(scene), {"caption": name}))
+    answer = str((result["boxes"] if tool == "detect" else result["areas"])[0])
+    return dict(image=file, conversations=[
+        {"from": "human", "value": _with_image(question, rng)},
+        {"from": "gpt", "thoughts": f"I need {tool} to answer this.",
+         "actions": [{"API_name": tool, "API_params": {"caption": name}}],
+         "value": f"I will use {tool} to help to answer the question. Please wait for a moment."},
+        {"from": "human", "value": tools.tool_turn(tool, result, question)},
+        {"from": "gpt", "thoughts": f"Thanks to the output of {tool}. I can answer the question better.", "actions": [],
+         "value": answer}])
+
+
+def without_tools(sample: dict) -> dict:
+    """The sample as plain LLaVA data: a tool conversation becomes its question and final answer (which the model
+    must then work out from the image alone), every answer its value. For the comparison LLaVA vs LLaVA-Plus."""
+    turns = sample["conversations"]
+    if len(turns) == 4 and turns[1].get("actions"):
+        turns = [turns[0], turns[3]]
+    return dict(sample, conversations=[{"from": turn["from"], "value": turn["value"]} for turn in turns])
 
 
 def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.Random) -> dict:
-    """One mix665k-style sample: questions about one image, a description, a text-only chat, or two images.
-    objects_so_far: the running total of the scenes' object counts."""
+    """One stage-2 sample in LLaVA-Plus's unified format: questions about one image, a description, a text-only
+    chat, two images (mix665k's kinds), or a question a tool answers. objects_so_far: the running total of the
+    scenes' object counts."""
     short = rng.random() < 0.5  # like the VQA parts of mix665k: one-word answers with the SHORT_ANSWER suffix
-    kind = rng.choices(("qa", "describe", "text", "two_images"), weights=(60, 15, 15, 10))[0]
+    kind = rng.choices(list(STAGE2_MIX), weights=list(STAGE2_MIX.values()))[0]
     if kind == "qa":  # a scene in proportion to its objects: a lone object needs no finding
         k = rng.choices(range(len(scenes)), cum_weights=objects_so_far)[0]
     else:
         k = rng.randrange(len(scenes))
+    if kind in TOY_TOOLS:
+        return _tool_sample(scenes[k], files[k], kind, rng)
     if kind == "text":
         facts = [_fact(rng) for _ in range(rng.randint(1, 2))]
-        return dict(conversations=_turns([(q + SHORT_ANSWER, w) if short else (q, s) for q, w, s in facts]))
+        return dict(conversations=_turns([(q + SHORT_ANSWER, w) if short else (q, s) for q, w, s in facts], True))
     if kind == "describe":
-        question, answer = rng.choice([("Describe the image in detail.", _description(scenes[k])),
-                                       ("Describe the image briefly.", _caption(scenes[k]).capitalize() + ".")])
-        return dict(image=files[k], conversations=_turns([(_with_image(question, rng), answer)]))
+        pairs = [(_with_image(rng.choice(DESCRIBE), rng), _description(scenes[k]))]
+        return dict(image=files[k], conversations=_turns(pairs, True))
     if kind == "two_images":
         j = rng.choice([j for j in range(len(scenes)) if j != k])
         a, b = scenes[k]["background"], scenes[j]["background"]
@@ -196,16 +255,87 @@ def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.
             ("What colour is the background of the second image?", b, f"The second background is {b}.")])
         question = f"{IMAGE_MARKER}\n{IMAGE_MARKER}\n{question}"
         return dict(image=[files[k], files[j]],
-                    conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)]))
+                    conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)], True))
     # several questions about the image, as mix665k's VQA samples: the image's tokens (and the system prompt) are
     # paid for once, and each question is one more lesson in finding an object by one attribute and reading another
     asked = {}
-    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=rng.randint(3, 8)):
+    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=rng.randint(2, 6)):
         q, w, s = _question(scenes[k], category, rng)
         asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
     pairs = list(asked.values())
     pairs[0] = (_with_image(pairs[0][0], rng), pairs[0][1])
-    return dict(image=files[k], conversations=_turns(pairs))
+    return dict(image=files[k], conversations=_turns(pairs, True))
+
+
+# -----------------------------------------------------------------------------
+# the toy world's tools (a skill repository for tools.py): a detector of its flat-coloured shapes, and a ruler
+
+
+def find_shapes(image: Image.Image) -> list[dict]:
+    """Every shape in a picture of the toy world, found in its pixels (not read from the generator's records): the
+    connected regions of one palette colour, each with its colour, shape, box (normalized [x1, y1, x2, y2]) and area
+    in pixels. Shape from the region's outline: a square fills its box, a circle π/4 of it, a triangle and a cross
+    about half, the triangle's top rows narrow and its bottom rows wide, the cross's both narrow."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int32)  # (H, W, 3)
+    H, W, _ = pixels.shape
+    palette = np.array(list(COLOURS.values()))  # (K, 3)
+    distance = np.abs(pixels[:, :, None] - palette).sum(-1)  # (H, W, K)
+    colour = np.where(distance.min(-1) <= 60, distance.argmin(-1), -1)  # (H, W): palette index, -1 elsewhere
+    # connected components: every pixel takes the smallest label among its 4 neighbours of its colour, until none
+    # changes (as many rounds as a shape is wide)
+    label = np.where(colour >= 0, np.arange(H * W).reshape(H, W), H * W)
+    padded_colour = np.pad(colour, 1, constant_values=-2)
+    while True:
+        padded = np.pad(label, 1, constant_values=H * W)
+        new = label
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            same = (padded_colour[dy:dy + H, dx:dx + W] == colour) & (colour >= 0)
+            new = np.where(same, np.minimum(new, padded[dy:dy + H, dx:dx + W]), new)
+        if np.array_equal(new, label):
+            break
+        label = new
+    shapes = []
+    for value in np.unique(label[colour >= 0]):
+        ys, xs = np.nonzero(label == value)
+        if len(ys) < 12:  # a speck, not a shape
+            continue
+        mask = label[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == value  # (h, w)
+        rows = mask.sum(1)
+        quarter = max(1, len(rows) // 4)
+        fill = mask.mean()
+        shape = ("square" if fill > 0.9 else "circle" if fill > 0.68 else
+                 "triangle" if rows[:quarter].mean() < 0.6 * rows[-quarter:].mean() else "cross")
+        shapes.append(dict(colour=list(COLOURS)[colour[ys[0], xs[0]]], shape=shape, area=len(ys),
+                           box=[float(xs.min() / W), float(ys.min() / H), float((xs.max() + 1) / W),
+                                float((ys.max() + 1) / H)]))
+    return shapes
+
+
+def _matching(image: Image.Image, caption: str) -> list[tuple[str, dict]]:
+    """(phrase, shape) for each phrase of a Grounding-DINO-style caption ("red circle . blue square") and each shape
+    it names: every word of the phrase is the shape's colour or shape. No caption: every shape, named."""
+    shapes = find_shapes(image)
+    phrases = [p.strip() for p in caption.lower().split(".") if p.strip()]
+    if not phrases:
+        return [(f"{s['colour']} {s['shape']}", s) for s in shapes]
+    return [(phrase, s) for phrase in phrases for s in shapes
+            if set(phrase.split()) - {"a", "an", "the"} <= {s["colour"], s["shape"], "object", "shape"}]
+
+
+def detect(image: Image.Image, params: dict) -> dict:
+    """The grounding tool, in Grounding DINO's schema: boxes, logits (the confidence: 1 for a whole shape of one
+    flat colour) and phrases, for the phrases of params["caption"]."""
+    found = _matching(image, str(params.get("caption", "")))
+    return dict(boxes=[s["box"] for _, s in found], logits=[1.0] * len(found), phrases=[p for p, _ in found])
+
+
+def measure(image: Image.Image, params: dict) -> dict:
+    """The ruler: how many pixels each shape the caption names covers."""
+    found = _matching(image, str(params.get("caption", "")))
+    return dict(areas=[s["area"] for _, s in found], phrases=[p for p, _ in found])
+
+
+TOY_TOOLS = {"detect": detect, "measure": measure}
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +361,8 @@ def _train_tokenizer(texts: list, vocab_size: int) -> Tokenizer:
 
 def world_paths(root: Path) -> dict:
     return dict(root=root, images=root / "images", stage1=root / "stage1.json", stage2=root / "stage2.json",
-                eval=root / "eval.jsonl", tokenizer=root / "tokenizer.json")
+                stage2_without_tools=root / "stage2_without_tools.json", eval=root / "eval.jsonl",
+                tokenizer=root / "tokenizer.json")
 
 
 def _unseen_scenes(rng: random.Random, train: list, n: int) -> list:
@@ -245,28 +376,40 @@ def _unseen_scenes(rng: random.Random, train: list, n: int) -> list:
     return scenes
 
 
+def _eval_question(scene: dict, category: str, rng: random.Random) -> tuple[str, object]:
+    """(question, answer) of one held-out question: one word (toy_normalize compares), a box (IoU), or a
+    description (the same objects)."""
+    if category == "grounding":
+        o = rng.choice(scene["objects"])
+        return f"Give the bounding box of the {o['colour']} {o['shape']}.", _box(scene, o)
+    if category == "describe":
+        return rng.choice(DESCRIBE), _description(scene)
+    question, answer, _ = _question(scene, category, rng)
+    return question + SHORT_ANSWER, answer
+
+
 def _write_eval(scenes: list, images: Path, eval_file: Path, rng: random.Random):
-    """eval_*.png, and 3 one-word questions per scene in the official eval format plus `category`, `answer` and
-    `objects` (how many the scene holds); the categories take turns, so each gets a fifth of the questions."""
+    """eval_*.png, and 3 questions per scene in the official eval format plus `category`, `answer` and `objects` (how
+    many the scene holds); the categories take turns, so each gets an equal share of the questions."""
     questions = []
     for i, scene in enumerate(scenes):
         _draw(scene).save(images / f"eval_{i:05d}.png")
         for j in range(3):
             category = EVAL_CATEGORIES[(3 * i + j) % len(EVAL_CATEGORIES)]
-            question, answer, _ = _question(scene, category, rng)
-            questions.append(dict(question_id=len(questions), image=f"eval_{i:05d}.png", text=question + SHORT_ANSWER,
+            question, answer = _eval_question(scene, category, rng)
+            questions.append(dict(question_id=len(questions), image=f"eval_{i:05d}.png", text=question,
                                   category=category, answer=answer, objects=len(scene["objects"])))
     eval_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
 
 
 def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: int = 4000, n_stage2: int = 8000,
-                   n_eval_images: int = 100, vocab_size: int = 600) -> dict:
+                   n_eval_images: int = 100, vocab_size: int = 1000) -> dict:
     """Write the toy world under root and return its paths. Same seed, same bytes.
 
     images/: train_*.png (stage 1 and 2) and eval_*.png (held out: no eval scene repeats a training scene);
-    stage1.json: blip_laion_cc_sbu_558k-style captions; stage2.json: mix665k-style chats, some text-only and some with
-    two images; eval.jsonl: 3 one-word questions per eval image (see _write_eval); tokenizer.json: see
-    _train_tokenizer."""
+    stage1.json: blip_laion_cc_sbu_558k-style captions; stage2.json: mix665k-style chats (some text-only, some with
+    two images) and tool use, in LLaVA-Plus's unified format; stage2_without_tools.json: the same as plain LLaVA data;
+    eval.jsonl: 3 questions per eval image (see _write_eval); tokenizer.json: see _train_tokenizer."""
     paths, rng = world_paths(Path(root)), random.Random(seed)
     paths["images"].mkdir(parents=True, exist_ok=True)
     train = [_scene(rng) for _ in range(n_train_images)]
@@ -283,10 +426,12 @@ def make_toy_world(root, seed: int = 0, n_train_images: int = 4000, n_stage1: in
     _write_eval(held_out, paths["images"], paths["eval"], rng)
     paths["stage1"].write_text(json.dumps(stage1, indent=1))
     paths["stage2"].write_text(json.dumps(stage2, indent=1))
+    paths["stage2_without_tools"].write_text(json.dumps([without_tools(s) for s in stage2], indent=1))
 
     # the tokenizer learns the text as training will show it: inside the vicuna_v1 template, cut at the special
     # tokens (tokenize_prompt encodes the text between them separately)
-    texts = [chunk for s in stage2 for part in render(CONV_TEMPLATES["vicuna_v1"], to_messages(s["conversations"], False)).split(EOS)
+    conv = CONV_TEMPLATES["vicuna_v1"]
+    texts = [chunk for s in stage2 for part in render(conv, to_messages(s["conversations"], False)).split(EOS)
              for chunk in part.split(IMAGE_MARKER)]
     texts += [_caption(scene) for scene in train] + list(CAPTION_INSTRUCTIONS)
     _train_tokenizer(texts, vocab_size).save(str(paths["tokenizer"]))
@@ -420,8 +565,9 @@ def train_toy_lm(world: dict, tokenizer: Tokenizer, steps: int, generator, lr_sc
     """The LM: next-token prediction on the world's captions and conversations, packed into blocks (nanoGPT style)."""
     texts = []
     for name in ("stage1", "stage2"):
-        for sample in json.loads(Path(world[name]).read_text()):
-            texts.append(" ".join(turn["value"].replace(IMAGE_MARKER, "").strip() for turn in sample["conversations"]))
+        for sample in json.loads(Path(world[name]).read_text()):  # the answers as stage 2 writes them
+            texts.append(" ".join(text.replace(IMAGE_MARKER, "").strip()
+                                  for _, text in to_messages(sample["conversations"], False)))
     ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids + [tokenizer.token_to_id(EOS)]]
     block = 128
     data = torch.tensor(ids[:len(ids) // block * block]).view(-1, block)  # (n_blocks, block)
@@ -481,9 +627,9 @@ def train_toy_clip(world: dict, tokenizer: Tokenizer, steps: int, generator, lr_
 
 
 def make_base_models(paths: dict, seed: int, lm_steps: int, clip_steps: int, lr_schedule):
-    """Stage 0: the world (if not there yet), then its LM and CLIP tower, saved as plain transformers directories
-    (what stage 1 loads), the tokenizer beside the LM as in a Vicuna directory. lr_schedule(step, total, peak,
-    warmup_ratio) is train.py's get_lr."""
+    """Stage 0: the world's LM and CLIP tower, saved as plain transformers directories (what stage 1 loads), the
+    tokenizer beside the LM as in a Vicuna directory. lr_schedule(step, total, peak, warmup_ratio) is train.py's
+    get_lr."""
     world = ensure_toy_world(paths["world"])
     tokenizer = load_tokenizer(world["tokenizer"])
     tqdm.write(f"stage 0: making the toy world's base models in {os.path.dirname(paths['llm'])} (a small LLaMA on "
@@ -493,6 +639,19 @@ def make_base_models(paths: dict, seed: int, lm_steps: int, clip_steps: int, lr_
     save_llama(train_toy_lm(world, tokenizer, lm_steps, generator, lr_schedule), paths["llm"])
     shutil.copy(world["tokenizer"], paths["llm"])
     save_clip(train_toy_clip(world, tokenizer, clip_steps, generator, lr_schedule, seed), paths["vision_tower"])
+
+
+def prepare_toy(paths: dict, stage: int, seed: int, lm_steps: int, clip_steps: int, lr_schedule):
+    """What a toy stage needs: the world (generated once), and base models made for it: stage 0 trains them into
+    the run directory; otherwise they are the run directory's, or the shipped ones (toy_base/), which must have been
+    made from this world's text (the same tokenizer)."""
+    world = ensure_toy_world(paths["world"])
+    if stage == 0 or not os.path.exists(os.path.join(paths["vision_tower"], "config.json")):
+        make_base_models(paths, seed, lm_steps, clip_steps, lr_schedule)
+    elif load_tokenizer(world["tokenizer"]).get_vocab() != load_tokenizer(paths["llm"]).get_vocab():
+        raise SystemExit(f"the toy world in {world['root']} has other text than the base models in "
+                         f"{os.path.dirname(paths['llm'])} were made for: run `python train.py --stage 0` to make "
+                         "base models for it")
 
 
 # -----------------------------------------------------------------------------
@@ -508,16 +667,51 @@ TOY_DEFAULTS = {  # minutes on a 2-core CPU: tiny models want larger learning ra
 }
 
 
+SHIPPED = Path(__file__).resolve().parent / "toy_base"  # stage 0's base models, shipped: stage 1 starts at once
+
+
 def toy_paths(runs_dir: str, stage: int) -> dict:
+    """Where the toy's stages read and write under runs_dir. The base models: stage 0 writes runs_dir/toy/base,
+    which the later stages use where it exists, else the shipped ones."""
     toy = os.path.join(runs_dir, "toy")
-    return dict(world=os.path.join(toy, "world"), llm=os.path.join(toy, "base", "llm"),
-                vision_tower=os.path.join(toy, "base", "clip"), stage1=os.path.join(toy, "stage1", "model"),
+    base = os.path.join(toy, "base")
+    if stage != 0 and not os.path.exists(os.path.join(base, "clip", "config.json")) and SHIPPED.exists():
+        base = str(SHIPPED)
+    return dict(world=os.path.join(toy, "world"), llm=os.path.join(base, "llm"),
+                vision_tower=os.path.join(base, "clip"), stage1=os.path.join(toy, "stage1", "model"),
                 out=os.path.join(toy, f"stage{stage}"))
 
 
 def toy_normalize(text):
     """'Yellow.' -> 'yellow': surrounding space, case and trailing periods don't count; nothing else is forgiven."""
     return text.strip().lower().rstrip(".").strip()
+
+
+def described_objects(text: str) -> set:
+    """The objects a description names, as (size, colour, shape, place): "A large red circle is on the left." ->
+    ("large", "red", "circle", "left")."""
+    pattern = (f"({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) is (?:on|at) the "
+               f"({'|'.join(POSITIONS)})")
+    return set(re.findall(pattern, text.lower()))
+
+
+def box_iou(a: list, b: list) -> float:
+    """Intersection over union of two [x1, y1, x2, y2] boxes."""
+    width, height = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(width, 0) * max(height, 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def toy_right(category: str, text: str, answer) -> bool:
+    """Whether an answer is right: a box with IoU >= 0.5 with the truth (grounding), a description naming exactly
+    the scene's objects (describe), else the same word after toy_normalize."""
+    if category == "grounding":
+        numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", text)]
+        return len(numbers) >= 4 and box_iou(numbers[:4], answer) >= 0.5
+    if category == "describe":
+        return described_objects(text) == described_objects(answer)
+    return toy_normalize(text) == toy_normalize(answer)
 
 
 def score_toy(answers, questions):
@@ -533,7 +727,7 @@ def score_toy(answers, questions):
     hits, by_objects = defaultdict(list), defaultdict(list)
     for question in questions:
         answer = by_id.get(question["question_id"])
-        hit = answer is not None and toy_normalize(answer["text"]) == toy_normalize(question["answer"])
+        hit = answer is not None and toy_right(question["category"], answer["text"], question["answer"])
         hits[question["category"]].append(hit)
         by_objects[question.get("objects")].append(hit)
     every = [hit for category_hits in hits.values() for hit in category_hits]

@@ -51,7 +51,7 @@ from plumbing.runs import (RunLog, check_same_run, checkpoint_dirs, claim_out_di
                            publish, save_checkpoint, start_afresh)
 from plumbing.tokenizer import load_tokenizer
 from projector import projector_depth
-from toy import TOY_DEFAULTS, make_base_models, toy_paths
+from toy import TOY_DEFAULTS, prepare_toy, toy_paths
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -403,9 +403,9 @@ def main(argv=None):
             if cfg.stage in (1, 2) and not cfg.resume:
                 start_afresh(cfg, rank)
             torch.manual_seed(cfg.seed)
-            if cfg.stage == 0 or (toy and not os.path.exists(os.path.join(cfg.vision_tower, "config.json"))):
+            if toy or cfg.stage == 0:
                 if rank == 0:  # small enough for one process; the others wait
-                    make_base_models(paths, cfg.seed, cfg.lm_steps, cfg.clip_steps, get_lr)
+                    prepare_toy(paths, cfg.stage, cfg.seed, cfg.lm_steps, cfg.clip_steps, get_lr)
                 if dist.is_initialized():
                     dist.barrier()
             if cfg.stage in (1, 2):

@@ -427,8 +427,9 @@ def choose_template(model_dir: str, runner: str = "cli") -> str:
     template = conv_mode_for(os.path.basename(path).lower().replace("llava-1.5", "llava-v1.5"))
     if template == "llava_v0" and os.path.isfile(os.path.join(model_dir, "config.json")):
         config = read_config(model_dir)
-        # LLaVA-1.5's two-layer MLP projector (v0 and v1 had a linear one; every llava-hf LLaVA has the MLP)
-        if config.get("mm_projector_type") == "mlp2x_gelu" or config.get("model_type") == "llava":
+        # LLaVA-1.5's two-layer MLP projector (v0, v1 and LLaVA-Plus have a linear one; every llava-hf LLaVA has the
+        # MLP, and a text_config)
+        if config.get("mm_projector_type") == "mlp2x_gelu" or "text_config" in config:
             return "llava_v1"
     return template
 

@@ -4,6 +4,7 @@ A model directory holds `tokenizer.json` (transformers' fast tokenizer) or only 
 both become the same `tokenizers.Tokenizer`, with the legacy text handling that LLaVA-1.5 was trained with.
 """
 
+import json
 import struct
 from pathlib import Path
 
@@ -22,6 +23,12 @@ def load_tokenizer(path) -> Tokenizer:
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {path.parent}; copy them from the model's "
                                 "checkpoint directory (e.g. lmsys/vicuna-7b-v1.5 on the Hugging Face hub)")
     tokenizer = tokenizer_from_sentencepiece(path) if path.suffix == ".model" else Tokenizer.from_file(str(path))
+    added = path.parent / "added_tokens.json"  # beside a tokenizer.model: e.g. LLaVA v0's "[PAD]" at 32000
+    if path.suffix == ".model" and added.exists():
+        for piece, index in sorted(json.loads(added.read_text()).items(), key=lambda item: item[1]):
+            if tokenizer.add_special_tokens([AddedToken(piece, normalized=False, special=True)]) and \
+                    tokenizer.token_to_id(piece) != index:
+                raise ValueError(f"{added}: {piece} would have the id {tokenizer.token_to_id(piece)}, not {index}")
     if tokenizer.encode(EOS + "a").tokens[-1] == "a":
         # saved without the legacy behaviour (transformers' legacy=False: a Metaspace pre-tokenizer that puts "▁" only
         # at the start of the text), it reads "</s>USER" as "USER", where LLaVA-1.5 was trained on "▁US ER"

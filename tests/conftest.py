@@ -37,7 +37,7 @@ def toy_world(tmp_path_factory):
     """make_toy_world's paths for a small world (seed 0): 60 training images, 10 held out."""
     from toy import make_toy_world
     return make_toy_world(tmp_path_factory.mktemp("toy_world"), n_train_images=60, n_stage1=60, n_stage2=120,
-                          n_eval_images=10)
+                          n_eval_images=10, vocab_size=600)  # a vocabulary the small world's text fills
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))])

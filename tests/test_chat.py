@@ -368,7 +368,11 @@ def test_template_follows_the_model(tmp_path):
                                   (f"models--liuhaotian--llava-v1.5-7b/{snapshot}", {}, "llava_v1"),
                                   (f"models--llava-hf--llava-1.5-7b-hf/{snapshot}", {}, "llava_v1"),
                                   ("models/original", {"config.json": {"mm_projector_type": "mlp2x_gelu"}}, "llava_v1"),
-                                  ("models/hf", {"config.json": {"model_type": "llava"}}, "llava_v1"),
+                                  ("models/hf", {"config.json": {"model_type": "llava", "text_config": {}}},
+                                   "llava_v1"),
+                                  # LLaVA-Plus's release: original layout, linear projector, served in llava_v0
+                                  ("llava_plus_v0_7b", {"config.json": {"model_type": "llava",
+                                                                        "mm_vision_tower": "openai/clip"}}, "llava_v0"),
                                   ("models/lightning", {"config.json": {"mm_projector_type": "linear"}}, "llava_v0")]:
         (tmp_path / name).mkdir(parents=True)
         for file, content in files.items():

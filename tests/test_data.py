@@ -23,7 +23,8 @@ from model import IGNORE_INDEX, IMAGE_MARKER, IMAGE_TOKEN_INDEX
 from plumbing.checkpoints import conv_mode_for
 from plumbing.files import DataError, open_image
 from plumbing.tokenizer import EOS_ID, load_tokenizer
-from toy import EVAL_CATEGORIES, POSITIONS, ensure_toy_world, make_toy_eval, make_toy_world
+from toy import (DESCRIBE, EVAL_CATEGORIES, POSITIONS, described_objects, ensure_toy_world, find_shapes,
+                 make_toy_eval, make_toy_world)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = json.loads((FIXTURES / "golden_preprocess.json").read_text())
@@ -341,7 +342,8 @@ def check_batch(batch, records, tokenizer, image_size):
     supervised = batch["labels"] != IGNORE_INDEX
     assert (batch["labels"][supervised] == batch["input_ids"][supervised]).all()
     for row, sample_id in enumerate(batch["ids"]):
-        answers = [turn["value"] for turn in records[sample_id]["conversations"][1::2]]
+        record = records[sample_id]
+        answers = [text for _, text in to_messages(record["conversations"], "image" in record)[1::2]]
         ids = batch["labels"][row][supervised[row]].tolist()
         assert ids and ids[-1] == EOS_ID
         assert tokenizer.decode(ids) == " ".join(answers)  # every answer, and its </s>
@@ -397,7 +399,7 @@ def test_toy_tokenizer_has_llamas_structure(toy_world):
     image = toy["added_tokens"][-1]
     assert image["content"] == IMAGE_MARKER and image["special"]
     assert image["id"] == len(toy["model"]["vocab"]) == load_tokenizer(toy_world["tokenizer"]).get_vocab_size() - 1
-    assert 300 <= image["id"] <= 600
+    assert 300 <= image["id"] <= 1000
 
 
 def test_default_toy_world(tmp_path, capsys):
@@ -418,7 +420,7 @@ def test_default_toy_world(tmp_path, capsys):
     for record in stage2:
         input_ids, labels = preprocess(record["conversations"], tokenizer, "vicuna_v1", "image" in record)
         lengths.append(len(input_ids))
-    assert max(lengths) < 200  # short sequences (+ 16 image tokens): the toy trains fast
+    assert max(lengths) < 250  # short sequences (+ 16 image tokens): the toy trains fast
     assert {len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r) for r in stage2} == {0, 1, 2}
     assert sum(SHORT_ANSWER in r["conversations"][0]["value"] for r in stage2) > 500
     # captions name the objects in random order, not by place, which would give places away by rank
@@ -429,7 +431,18 @@ def test_default_toy_world(tmp_path, capsys):
     # ask count, the whole image's question, and size half as often as each look-up (about 0.5 times as often as position,
     # once a scene's repeats are dropped; 0.85 times if all were drawn evenly)
     objects_in = {r["image"]: len(p) for r, p in zip(stage1, places)}
-    qa = [r for r in stage2 if isinstance(r.get("image"), str) and "Describe" not in r["conversations"][0]["value"]]
+    tool_use = [r for r in stage2 if r["conversations"][1]["actions"]]
+    described = [r for r in stage2 if r["conversations"][0]["value"].replace("<image>", "").strip() in DESCRIBE]
+    assert 0.11 < len(tool_use) / len(stage2) < 0.15 and 0.13 < len(described) / len(stage2) < 0.17
+    assert {r["conversations"][1]["actions"][0]["API_name"] for r in tool_use} == {"detect", "measure"}
+    assert all(turn["actions"] == [] and turn["thoughts"] for r in stage2 if r not in tool_use
+               for turn in r["conversations"][1::2])  # LLaVA-Plus's conversion of plain answers
+    for r in described[:100]:  # every phrasing gets the whole description: each shape the picture shows, once
+        named = [(colour, shape) for _, colour, shape, _ in described_objects(r["conversations"][1]["value"])]
+        shown = [(s["colour"], s["shape"]) for s in find_shapes(Image.open(paths["images"] / r["image"]))]
+        text = r["conversations"][1]["value"]
+        assert sorted(named) == sorted(shown) and text.count(" is on the ") + text.count(" is at the ") == len(shown)
+    qa = [r for r in stage2 if isinstance(r.get("image"), str) and r not in described and r not in tool_use]
     assert 0.12 < sum(objects_in[r["image"]] == 1 for r in qa) / len(qa) < 0.22
     asked = [t["value"] for r in qa for t in r["conversations"][::2]]
     for rarer in ("How many", "large or small?"):  # count, and size, which the eval never asks
@@ -441,7 +454,12 @@ def test_default_toy_world(tmp_path, capsys):
                "shape": {"circle", "square", "triangle", "cross"}, "count": {"1", "2", "3"},
                "position": {"left", "right", "top", "bottom"}, "yes_no": {"yes", "no"}}
     for q in questions:
-        assert q["answer"] in answers[q["category"]] and q["text"].endswith(SHORT_ANSWER)
+        if q["category"] == "grounding":  # a box, normalized, inside the image
+            assert q["text"].startswith("Give the bounding box of the ") and 0 <= q["answer"][0] < q["answer"][2] <= 1
+        elif q["category"] == "describe":  # a description naming each of the scene's objects once
+            assert q["text"] in DESCRIBE and len(described_objects(q["answer"])) == q["objects"]
+        else:
+            assert q["answer"] in answers[q["category"]] and q["text"].endswith(SHORT_ANSWER)
         assert (paths["images"] / q["image"]).exists()
         assert q["objects"] in (1, 2, 3) and (q["category"] != "count" or q["answer"] == str(q["objects"]))
     assert {q["objects"] for q in questions} == {1, 2, 3}
@@ -449,7 +467,7 @@ def test_default_toy_world(tmp_path, capsys):
     for q in questions:
         sizes_by_image[q["image"]].add(q["objects"])
     assert len(sizes_by_image) == 100 and all(len(sizes) == 1 for sizes in sizes_by_image.values())
-    assert {q["category"] for q in questions} == set(answers)
+    assert {q["category"] for q in questions} == set(answers) | {"grounding", "describe"} == set(EVAL_CATEGORIES)
     assert abs(sum(q["answer"] == "yes" for q in questions) - sum(q["answer"] == "no" for q in questions)) < 20
     trained_on = {f for r in stage1 + stage2 for f in ([r["image"]] if isinstance(r.get("image"), str)
                                                        else r.get("image", []))}
@@ -468,7 +486,7 @@ def test_toy_world_is_deterministic(tmp_path):
     a = tree_hashes(make_toy_world(tmp_path / "a", seed=0, **sizes)["root"])
     b = tree_hashes(make_toy_world(tmp_path / "b", seed=0, **sizes)["root"])
     c = tree_hashes(make_toy_world(tmp_path / "c", seed=1, **sizes)["root"])
-    assert a == b and len(a) == 20 + 5 + 4
+    assert a == b and len(a) == 20 + 5 + 5
     assert a.keys() == c.keys()
     assert all(a[name] != c[name] for name in ("stage1.json", "stage2.json", "eval.jsonl", "images/train_00000.png"))
 
@@ -496,7 +514,8 @@ def test_toy_eval_set_draws_unseen_scenes_beyond_the_worlds_own(tmp_path):
     assert [q["category"] for q in questions[:15]] == [q["category"] for q in own]
     assert {q["category"] for q in questions} == set(EVAL_CATEGORIES)
     for q in questions:
-        assert q["text"].endswith(SHORT_ANSWER) and q["objects"] in (1, 2, 3)
+        assert q["objects"] in (1, 2, 3) and (q["text"].endswith(SHORT_ANSWER) or q["category"] in ("grounding",
+                                                                                                      "describe"))
 
 
 # -----------------------------------------------------------------------------

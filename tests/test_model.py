@@ -16,8 +16,8 @@ from clip import CLIPVisionConfig, preprocess_image
 from data import collate, tokenize_prompt
 from llama import LlamaConfig
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llava, LlavaConfig
-from plumbing.checkpoints import (CheckpointError, load_base, load_clip, load_llama, load_llava, save_image_processor,
-                                  save_llava, save_llava_tokenizer)
+from plumbing.checkpoints import (CheckpointError, load_base, load_clip, load_for_inference, load_llama, load_llava,
+                                  save_image_processor, save_llava, save_llava_tokenizer)
 from plumbing.tokenizer import load_tokenizer
 
 TOL = 1e-4
@@ -574,3 +574,37 @@ def test_saved_model_runs_under_transformers_autoprocessor_as_ours(aspect_ratio,
     assert ids[first:first + tiny_hf.N_IMAGE_TOKENS] == [32000] * tiny_hf.N_IMAGE_TOKENS
     ours_ids = ids[:first] + [IMAGE_TOKEN_INDEX] + ids[first + tiny_hf.N_IMAGE_TOKENS:]
     assert ours.generate([ours_ids], mine, max_new_tokens=8, eos_token_id=-1)[0] == theirs.tolist()
+
+
+def test_llava_plus_release_layout_loads_and_matches_transformers(tmp_path):
+    """LLaVA-Plus's released checkpoint (llava_plus_v0_7b) in miniature: the original layout, a linear projector its
+    config does not name, a vocabulary of 32001 with "[PAD]" in added_tokens.json beside tokenizer.model, no aspect
+    ratio (so resize and centre-crop). Its CLIP tower and LLaMA are compared with transformers' own, the projector
+    applied by hand (transformers' LLaVA has no linear projector)."""
+    llm = tiny_hf.hf_llama(seed=4, vocab_size=32001)
+    clip = tiny_hf.hf_clip(seed=5)
+    projector = torch.nn.Linear(tiny_hf.CLIP["hidden_size"], tiny_hf.LLAMA["hidden_size"])
+    llava_dir, clip_dir = tmp_path / "llava_plus_v0_7b", tmp_path / "clip-vit-large-patch14"
+    clip.save_pretrained(clip_dir)
+    llava_dir.mkdir()
+    state = {k: v.contiguous() for k, v in llm.state_dict().items()}
+    state.update({"model.mm_projector.weight": projector.weight.detach(), "model.mm_projector.bias": projector.bias.detach()})
+    tiny_hf.save_sharded_bin(state, str(llava_dir))
+    config = {**tiny_hf.LLAMA, "vocab_size": 32001, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+              "mm_vision_tower": "openai/clip-vit-large-patch14", "mm_vision_select_layer": -2, "mm_hidden_size": 32,
+              "mm_use_im_start_end": False, "use_mm_proj": True}
+    (llava_dir / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.model", "special_tokens_map.json", "tokenizer_config.json"):
+        (llava_dir / name).write_bytes((Path(__file__).parent / "fixtures" / "llama2-tokenizer" / name).read_bytes())
+    (llava_dir / "added_tokens.json").write_text(json.dumps({"[PAD]": 32000}))
+
+    model, tokenizer, template = load_for_inference(str(llava_dir), vision_tower=str(clip_dir))
+    assert template == "llava_v0" and tokenizer.token_to_id("[PAD]") == 32000 and tokenizer.get_vocab_size() == 32001
+    assert (model.config.projector_type, model.config.image_aspect_ratio) == ("linear", "square")
+    ids, images = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 32000]]), pixels(1)
+    with torch.no_grad():
+        features = clip(images, output_hidden_states=True).hidden_states[-2][:, 1:]  # layer -2, patches
+        embeds = llm.model.embed_tokens(torch.tensor([[1, 5]]))
+        spliced = torch.cat([embeds, projector(features), llm.model.embed_tokens(torch.tensor([[6, 32000]]))], 1)
+        theirs = llm(inputs_embeds=spliced).logits
+        assert (model(ids, images) - theirs).abs().max() < TOL
