@@ -21,6 +21,7 @@ from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower
 from llama import Llama, LlamaConfig
 from model import IMAGE_MARKER, Llava, LlavaConfig
 from projector import Projector
+from quantize import QUANTIZED, llm_linears, quantized_mode, swap_in
 from tokenizers import AddedToken
 
 from plumbing.tokenizer import load_tokenizer
@@ -100,13 +101,19 @@ def read_config(directory: str) -> dict:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, device, ignore=lambda key: False):
+def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, device, ignore=lambda key: False,
+                 quantize: Optional[str] = None):
     """Fill every parameter of `module` (built on the meta device) from checkpoint files.
 
     key_map(our_name) -> (source index, checkpoint key) says where each of our tensors comes from: an explicit map,
     checked both ways. A missing, unexpected or mis-shaped tensor raises an error that names it, so nothing is ever
-    left at random init. `assign=True` adopts the loaded tensors instead of copying into preallocated ones.
+    left at random init. `assign=True` adopts the loaded tensors instead of copying into preallocated ones. Floating
+    tensors take `dtype`; integer ones (a quantized checkpoint's) stay as they are.
+
+    quantize ("int8", "int4"; module a Llava): the LLM's linear layers (quantize.llm_linears) are quantized as each
+    weight is read, so that only one of their float weights is in memory at a time.
     """
+    quantized = {name + ".weight": QUANTIZED[quantize] for name in llm_linears(module)} if quantize else {}
     state, missing, wrong_shape, used = {}, [], [], [set() for _ in sources]
     for name, ours in module.state_dict(keep_vars=True).items():
         index, key = key_map(name)
@@ -117,7 +124,12 @@ def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, dev
         if sources[index].shape(key) != tuple(ours.shape):
             wrong_shape.append(f"{key}: checkpoint {list(sources[index].shape(key))}, model {list(ours.shape)}")
             continue
-        state[name] = sources[index].get(key).to(device=device, dtype=dtype)
+        if name in quantized:  # no reference to the float weight outlives this line
+            layer = name.removesuffix("weight")
+            state.update({layer + buffer: t for buffer, t in
+                          quantized[name].quantize(_read(sources[index], key, dtype, device)).items()})
+        else:
+            state[name] = _read(sources[index], key, dtype, device)
     unexpected = [k for src, u in zip(sources, used) for k in src.keys() if k not in u and not ignore(k)]
     problems = [(what, items) for what, items in
                 (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong_shape))
@@ -126,7 +138,14 @@ def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, dev
         raise CheckpointError(", ".join(src.directory for src in sources) + ": " + "; ".join(
             f"{what}: {', '.join(items[:10])}" + (f" ... ({len(items)} in all)" if len(items) > 10 else "")
             for what, items in problems))
+    if quantize:
+        swap_in(module, quantize)
     module.load_state_dict(state, assign=True)
+
+
+def _read(source, key, dtype, device) -> torch.Tensor:
+    tensor = source.get(key)
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
 
 
 def _ignored(key: str) -> bool:
@@ -178,11 +197,18 @@ def _target(dtype, device):
     return dtype, device
 
 
-def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device=None) -> Llava:
+def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device=None,
+               quantize: Optional[str] = None) -> Llava:
     """Load a LLaVA checkpoint directory: llava-hf (transformers) layout, ours (the same), or the original LLaVA
-    layout, whose CLIP tower lives in its own directory: `vision_tower`, or else the config's `mm_vision_tower`."""
+    layout, whose CLIP tower lives in its own directory: `vision_tower`, or else the config's `mm_vision_tower`.
+    quantize ("int8", "int4"): the LLM's linear layers are quantized while loading (quantize.py); a checkpoint saved
+    quantized (its config.json says "quantize") loads as it was saved."""
     dtype, device = _target(dtype, device)
     hf = read_config(path)
+    saved = hf.get("quantize")
+    if saved and quantize not in (None, saved):
+        raise CheckpointError(f"{path}: saved in {saved}; load it as it is (without --quantize {quantize}), or "
+                              "quantize the float model it was made from")
     if hf.get("model_type", "").startswith("clip"):  # whose config also has text_config and vision_config
         raise CheckpointError(f"{path}: a CLIP model, not a LLaVA one (an original-layout LLaVA takes it as "
                               "--vision-tower)")
@@ -193,8 +219,11 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
         config = LlavaConfig.from_hf(hf)
         with torch.device("meta"):
             model = Llava(config)
+        if saved:
+            swap_in(model, saved)
         source = CheckpointFiles(path)
-        load_weights(model, [source], lambda name: (0, _llava_hf_key(source, name)), dtype, device, _ignored)
+        load_weights(model, [source], lambda name: (0, _llava_hf_key(source, name)), dtype, device, _ignored,
+                     None if saved else quantize)
         return model.eval()
     if "mm_vision_tower" not in hf and "mm_projector_type" not in hf:
         raise CheckpointError(f"{path}: config.json is neither a LLaVA (llava-hf) nor an original LLaVA config; "
@@ -217,7 +246,7 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
     clip_source = CheckpointFiles(clip_dir)
     load_weights(model, [CheckpointFiles(path), clip_source],
                  lambda name: _original_key(name, config.projector_type, clip_source), dtype, device,
-                 lambda key: _ignored(key) or _clip_text_tower(key))
+                 lambda key: _ignored(key) or _clip_text_tower(key), quantize)
     return model.eval()
 
 
@@ -326,9 +355,12 @@ def write_checkpoint(state: dict, config: dict, directory: str, max_shard_bytes:
 
 
 def save_llava(model: Llava, directory: str, max_shard_bytes: int = 5 * 2**30):
-    """Our LLaVA in the llava-hf layout: transformers' LlavaForConditionalGeneration.from_pretrained loads it."""
+    """Our LLaVA in the llava-hf layout: transformers' LlavaForConditionalGeneration.from_pretrained loads it, unless
+    it is quantized (quantize.py), which config.json then records for load_llava."""
     state = hf_state_dict(model)
     config = model.config.to_hf()
+    if mode := quantized_mode(model):
+        config["quantize"] = mode
     config["text_config"]["vocab_size"] = state["language_model.lm_head.weight"].shape[0]
     write_checkpoint(state, config, directory, max_shard_bytes)
 
@@ -433,15 +465,17 @@ def choose_template(model_dir: str, runner: str = "cli") -> str:
     return template
 
 
-def load_for_inference(model_dir: str, vision_tower=None, dtype=None, device=None, runner: str = "cli"):
-    """(model, tokenizer, template) of a model directory in any layout. What is quick to find missing (a config, a
-    tokenizer) is looked for first, before the weights' minutes."""
+def load_for_inference(model_dir: str, vision_tower=None, dtype=None, device=None, runner: str = "cli",
+                       quantize: Optional[str] = None):
+    """(model, tokenizer, template) of a model directory in any layout, quantized as load_llava's `quantize` says.
+    What is quick to find missing (a config, a tokenizer) is looked for first, before the weights' minutes."""
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: no such model directory")
     try:
         read_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        return load_llava(model_dir, vision_tower, dtype, device), tokenizer, choose_template(model_dir, runner)
+        return (load_llava(model_dir, vision_tower, dtype, device, quantize), tokenizer,
+                choose_template(model_dir, runner))
     except (CheckpointError, OSError, ValueError, KeyError, AssertionError, SafetensorError) as e:
         # damaged files and JSON, a missing tokenizer, a config the loaders do not support (they assert it)
         message = str(e) or type(e).__name__
