@@ -2,6 +2,8 @@
 
     python bench.py                         # LLaVA-1.5-7B shapes in bf16 on a GPU; the tiny preset on a CPU
     python bench.py --preset tiny --device cpu
+    python bench.py --quantize int8 int4    # also our decode with the LLM's linear layers quantized (quantize.py)
+    python bench.py --preset llava-v1.5-7b --device cpu --dtype bf16 --load-only --quantize int4   # memory only
 
 Measures, for both sides: time to first token (one image + 48 text tokens = 624 positions at 7B), batch-1 and batch-8
 greedy decode tokens/s over --new-tokens, a stage-1 training step (projector trainable, micro-batch 16 × 700
@@ -14,9 +16,13 @@ part, the step and how near a tie it was are reported (in bf16, correct code par
 first_difference). --compile also compiles our decoder layers for training, as train.py --compile; run once with
 --compile false to see what that gives. Each measure prints a progress line to stderr, and --out FILE keeps everything
 measured so far in FILE, so that a run cut short still reports (`.ci/gpu` runs it so on a GPU machine).
+
+--quantize adds our batch-1 decode tokens/s and weight memory in float and in each mode, side by side. --load-only
+measures nothing but loading: weight memory and the process's peak memory, for one model per process.
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -27,8 +33,9 @@ import warnings
 import torch
 
 from model import IMAGE_TOKEN_INDEX, Llava, LlavaConfig
-from plumbing.checkpoints import hf_state_dict
-from plumbing.cli import DTYPES
+from plumbing.checkpoints import hf_state_dict, load_weights
+from plumbing.cli import DTYPES, check_quantize
+from quantize import QUANTIZED
 
 
 def timed(fn, device, repeats):
@@ -268,6 +275,92 @@ def bench_training(ours, theirs, args, device, dtype, results, save):
             other.to(device)
 
 
+# -----------------------------------------------------------------------------
+# quantized: the LLM's linear layers in int8 or int4 (quantize.py)
+
+
+class Tensors:
+    """A checkpoint's stand-in for load_weights: tensors under our own names, each made when it is read (taken from a
+    model in memory, or drawn at random, so that random 7B weights never exist whole, as a checkpoint's never do
+    while load_llava reads it)."""
+    directory = "bench.py's weights"
+
+    def __init__(self, shapes: dict, get):
+        self.shapes, self.get = shapes, get
+
+    def keys(self):
+        return self.shapes.keys()
+
+    def shape(self, key):
+        return self.shapes[key]
+
+
+def load(config, source, quantize, dtype, device):
+    """Our model filled by load_weights as load_llava fills it, quantizing each weight as it is read."""
+    with torch.device("meta"):
+        model = Llava(config)
+    load_weights(model, [source], lambda name: (0, name), dtype, device, quantize=quantize)
+    return model.eval()
+
+
+def weight_gb(model) -> float:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())) / 2**30
+
+
+def bench_quantized(ours, args, device, dtype, results, save):
+    """Weight memory and batch-1 greedy decode tokens/s of our model as it is and in each --quantize mode (the same
+    weights, quantized as load_llava quantizes a checkpoint), and for how many steps each one's greedy tokens are
+    the float model's (random weights have near ties, where a quantized model may part early)."""
+    config, state = ours.config, ours.state_dict()
+    source = Tensors({name: tuple(t.shape) for name, t in state.items()}, state.__getitem__)
+    ids, _ = prompts(config, 1, args.prompt_tokens, seed=1)
+    images = torch.randn(1, 3, config.vision.image_size, config.vision.image_size, device=device, dtype=dtype)
+    results["quantized"], reference = {}, None
+    for mode in ["float", *args.quantize]:
+        model = ours if mode == "float" else load(config, source, mode, dtype, device)
+        measured = results["quantized"][mode] = {"weight_gb": weight_gb(model)}
+
+        def run(n):  # compiled runs keep the KV cache, as in bench_inference
+            return model.generate(ids, images, max_new_tokens=n, eos_token_id=-1, compile=args.compile,
+                                  keep_cache=args.compile)
+
+        tokens = run(args.new_tokens)[0]
+        reference = reference or tokens
+        measured["greedy_steps_equal_to_float"] = next(
+            (step for step, (a, b) in enumerate(zip(reference, tokens)) if a != b), len(tokens))
+        measured["decode_b1_tok_s"] = decode_tokens_per_s(run, 1, args.new_tokens, device, args.repeats)
+        model.language_model.clear_cache()
+        save(f"{mode} decode")
+
+
+def load_only(args, device, dtype) -> dict:
+    """The memory it takes to load our model (--preset) from a checkpoint, quantized as --quantize says, measured
+    without one: its tensors are drawn at random as load_weights reads them, one at a time. Then an 8-token prompt
+    is answered, which puts int4 weights into the kernel's layout. What 7B needs, measurable on a CPU."""
+    config = LlavaConfig.from_name(args.preset)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in Llava(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    # in fp16, as llava-v1.5-7b's files hold them
+    source = Tensors(shapes, lambda name: torch.randn(shapes[name], generator=generator, dtype=torch.float16) * 0.02)
+    import resource  # Unix only, as this measure
+    # the most memory the process has held (kilobytes on Linux, bytes on macOS)
+    peak_rss_gb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin"
+                                                                                 else 1024) / 2**30
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "dtype": str(dtype).removeprefix("torch."),
+              "torch": torch.__version__, "quantize": args.quantize[0] if args.quantize else None,
+              "peak_rss_before_loading_gb": peak_rss_gb()}
+    started = time.time()
+    model = load(config, source, result["quantize"], dtype, device)
+    result.update(load_s=time.time() - started, weight_gb=weight_gb(model), peak_rss_loading_gb=peak_rss_gb())
+    model.generate([list(range(1, 9))], max_new_tokens=2)
+    result["peak_rss_gb"] = peak_rss_gb()
+    if device.type == "cuda":
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
 def with_ratios(results, args):
     """The results and the ours/theirs ratios; a ratio is None where a side has no figure (it ran out of memory,
     failed, or was not measured yet)."""
@@ -309,8 +402,22 @@ def main():
     parser.add_argument("--skip-training", action="store_true", help="measure only generation")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON object here, rewritten after each measure "
                         "with everything measured so far (progress goes to stderr)")
+    parser.add_argument("--quantize", nargs="+", default=[], choices=QUANTIZED, metavar="MODE",
+                        help="int8 and/or int4: also measure our batch-1 decode and weight memory with the LLM's "
+                             "linear layers quantized (quantize.py), beside the float model's")
+    parser.add_argument("--load-only", action="store_true",
+                        help="only load our model, quantized with --quantize (one mode), from random weights drawn "
+                             "one tensor at a time, answer 8 tokens, and report weight memory and the process's peak "
+                             "memory: what --preset llava-v1.5-7b needs, also on a CPU (--dtype bf16: a GPU's sizes)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    try:
+        for mode in args.quantize:
+            check_quantize(mode, device)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if args.load_only and len(args.quantize) > 1:
+        parser.error("--load-only measures one model per process: give one --quantize mode (or none, for float)")
     cuda = device.type == "cuda"
     args.preset = args.preset or ("llava-v1.5-7b" if cuda else "tiny")
     args.compile = cuda if args.compile is None else args.compile == "true"
@@ -319,6 +426,9 @@ def main():
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     dtype = (torch.bfloat16 if cuda else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
+    if args.load_only:
+        print(json.dumps(load_only(args, device, dtype), indent=2))
+        return
     started = time.time()
     ours, theirs = build(args.preset, device, dtype)
     print(f"bench.py: {args.preset} built, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
@@ -342,6 +452,8 @@ def main():
     # the headline measures first (batch-1 decode, time to first token, training), then the batch-8 decode: a run
     # cut short by its time limit loses the least (each new batch size compiles both sides' decode again)
     bench_inference(ours, theirs, args, device, dtype, 1, results, save)
+    if args.quantize:
+        bench_quantized(ours, args, device, dtype, results, save)
     if not args.skip_training:
         bench_training(ours, theirs, args, device, dtype, results, save)
     if args.batch != 1:

@@ -36,8 +36,9 @@ from clip import preprocess_image
 from data import CONV_TEMPLATES, render, tokenize_prompt
 from model import IMAGE_MARKER, IMAGE_TOKEN_INDEX
 from plumbing.checkpoints import CheckpointError, latest_model, load_for_inference
-from plumbing.cli import DTYPES, check_sampling, resolve_device, resolve_dtype
+from plumbing.cli import DTYPES, check_quantize, check_sampling, resolve_device, resolve_dtype
 from plumbing.files import DataError, open_local_image
+from quantize import QUANTIZED
 from toy import TOY_TOOLS
 
 RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")  # train.py writes runs/LATEST
@@ -229,6 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="auto: fp16 on cuda, as the official CLI and eval.py, fp32 on cpu (the names train.py "
                         "and eval.py take)")
+    p.add_argument("--quantize", choices=QUANTIZED, help="the LLM's linear layers, as they load (quantize.py)")
     args = p.parse_args(argv)
     flag_values = [image for image in args.images if image.lower() in ("true", "false") and not os.path.exists(image)]
     if flag_values:  # train.py and bench.py take `--compile true`; here a value would be read as an image
@@ -238,6 +240,7 @@ def parse_args(argv=None):
     try:
         check_sampling(args.temperature, args.top_p)
         args.device = resolve_device(args.device)
+        check_quantize(args.quantize, args.device)
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     args.dtype = resolve_dtype(args.dtype, args.device)
@@ -249,7 +252,8 @@ def main(argv=None) -> int:
     try:
         images = [open_local_image(path) for path in args.images]  # before the model, which may take minutes
         model_dir = args.model or latest_model(RUNS)
-        model, tokenizer, template = load_for_inference(model_dir, args.vision_tower, args.dtype, args.device)
+        model, tokenizer, template = load_for_inference(model_dir, args.vision_tower, args.dtype, args.device,
+                                                        quantize=args.quantize)
     except (DataError, CheckpointError, FileNotFoundError) as e:  # each names the image or model at fault
         print(f"chat.py: {e}", file=sys.stderr)
         return 2

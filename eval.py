@@ -41,8 +41,10 @@ from model import IMAGE_MARKER
 from plumbing.answers import finish_share, open_for_append, recorded_prompt, this_share
 from plumbing.benchmarks import SCORE_INPUTS, format_report, mmbench_questions, science_qa_questions, score_files
 from plumbing.checkpoints import CheckpointError, latest_model, load_for_inference
-from plumbing.cli import DTYPES, check_sampling, leave_process_group, positive_int, resolve_device, resolve_dtype
+from plumbing.cli import (DTYPES, check_quantize, check_sampling, leave_process_group, positive_int, resolve_device,
+                          resolve_dtype)
 from plumbing.files import DataError, check_input, open_base64_image, open_image, read_json, read_jsonl, read_tsv
+from quantize import QUANTIZED
 from tools import ToolServer
 from toy import TOY_TOOLS, ensure_toy_eval, ensure_toy_world, format_toy_table, score_toy
 
@@ -145,7 +147,8 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
     if todo:  # a finished run does not even load the model; one that cannot be loaded leaves no file behind
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        model, tokenizer, template = load_for_inference(model_dir, args.vision_tower, dtype, device, runner="eval")
+        model, tokenizer, template = load_for_inference(model_dir, args.vision_tower, dtype, device, runner="eval",
+                                                        quantize=args.quantize)
         conv_mode = args.conv_mode or template
         batch_size = args.batch_size or (8 if device.type == "cuda" else 4)
         if rank == 0:
@@ -184,7 +187,8 @@ def evaluate_toy(args):
     args.max_new_tokens = args.max_new_tokens or 128
     # afresh, not resumed: training a stage again overwrites its model directory, and this takes seconds. A larger
     # set has its own file, so that it does not replace the default run's answers
-    name = f"toy_eval_answers_{args.toy_scenes}scenes.jsonl" if args.toy_scenes else "toy_eval_answers.jsonl"
+    name = "toy_eval_answers" + (f"_{args.toy_scenes}scenes" if args.toy_scenes else "") + (
+        f"_{args.quantize}" if args.quantize else "") + ".jsonl"
     answers_file = Path(args.answers_file or Path(model_dir).parent / name)
     # LLaVA-Plus's loop with the toy's tools; a model never taught the format answers plainly, which is its value
     counts = run_generation(args, model_dir, questions, world["images"], answers_file, resume=False, skills=TOY_TOOLS)
@@ -263,6 +267,8 @@ def add_generation_options(parser, defaults=True):
                         help="auto (default: the GPU if there is one), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default=default("auto"), choices=["auto", *DTYPES],
                         help="default: auto, fp16 on a GPU (as the official runners) and fp32 on the CPU")
+    parser.add_argument("--quantize", default=default(None), choices=QUANTIZED,
+                        help="the LLM's linear layers, as they load (quantize.py)")
     parser.add_argument("--tool-server", default=default(None), metavar="URL",
                         help="LLaVA-Plus: the controller of the official tool workers, for the tools a model calls")
 
@@ -307,7 +313,8 @@ def main(argv=None):
     add_generation_options(parser)
     parser.add_argument("--answers-file",
                         help="where the toy answers go (default: beside the model directory, toy_eval_answers.jsonl, "
-                             "or toy_eval_answers_<N>scenes.jsonl with --toy-scenes N)")
+                             "or toy_eval_answers_<N>scenes.jsonl with --toy-scenes N; _int8 or _int4 before "
+                             ".jsonl with --quantize)")
     parser.add_argument("--toy-scenes", type=positive_int, default=0, metavar="N",
                         help="ask about this many held-out scenes instead of the world's 100, 3 questions each "
                              "(drawn once into <runs-dir>/toy/world/eval-<N>/): the 300 questions measure accuracy "
@@ -354,6 +361,7 @@ def main(argv=None):
     if args.command != "score":
         try:
             check_sampling(args.temperature, args.top_p)
+            check_quantize(args.quantize, resolve_device(args.device))
         except argparse.ArgumentTypeError as e:
             (generate if args.command == "generate" else parser).error(str(e))
     try:

@@ -21,6 +21,7 @@ from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower
 from llama import Llama, LlamaConfig
 from model import IMAGE_MARKER, Llava, LlavaConfig
 from projector import Projector
+from quantize import QUANTIZED, llm_linears, quantized_mode, swap_in
 from tokenizers import AddedToken
 
 from plumbing.tokenizer import load_tokenizer
@@ -100,13 +101,19 @@ def read_config(directory: str) -> dict:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, device, ignore=lambda key: False):
+def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, device, ignore=lambda key: False,
+                 quantize: Optional[str] = None):
     """Fill every parameter of `module` (built on the meta device) from checkpoint files.
 
     key_map(our_name) -> (source index, checkpoint key) says where each of our tensors comes from: an explicit map,
     checked both ways. A missing, unexpected or mis-shaped tensor raises an error that names it, so nothing is ever
-    left at random init. `assign=True` adopts the loaded tensors instead of copying into preallocated ones.
+    left at random init. `assign=True` adopts the loaded tensors instead of copying into preallocated ones. Floating
+    tensors take `dtype`; integer ones (a quantized checkpoint's) stay as they are.
+
+    quantize ("int8", "int4"; module a Llava): the LLM's linear layers (quantize.llm_linears) are quantized as each
+    weight is read, so that only one of their float weights is in memory at a time.
     """
+    quantized = {name + ".weight": QUANTIZED[quantize] for name in llm_linears(module)} if quantize else {}
     state, missing, wrong_shape, used = {}, [], [], [set() for _ in sources]
     for name, ours in module.state_dict(keep_vars=True).items():
         index, key = key_map(name)
@@ -117,7 +124,12 @@ def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, dev
         if sources[index].shape(key) != tuple(ours.shape):
             wrong_shape.append(f"{key}: checkpoint {list(sources[index].shape(key))}, model {list(ours.shape)}")
             continue
-        state[name] = sources[index].get(key).to(device=device, dtype=dtype)
+        if name in quantized:  # no reference to the float weight outlives this line
+            layer = name.removesuffix("weight")
+            state.update({layer + buffer: t for buffer, t in
+                          quantized[name].quantize(_read(sources[index], key, dtype, device)).items()})
+        else:
+            state[name] = _read(sources[index], key, dtype, device)
     unexpected = [k for src, u in zip(sources, used) for k in src.keys() if k not in u and not ignore(k)]
     problems = [(what, items) for what, items in
                 (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong_shape))
@@ -126,7 +138,14 @@ def load_weights(module: nn.Module, sources: list, key_map: Callable, dtype, dev
         raise CheckpointError(", ".join(src.directory for src in sources) + ": " + "; ".join(
             f"{what}: {', '.join(items[:10])}" + (f" ... ({len(items)} in all)" if len(items) > 10 else "")
             for what, items in problems))
+    if quantize:
+        swap_in(module, quantize)
     module.load_state_dict(state, assign=True)
+
+
+def _read(source, key, dtype, device) -> torch.Tensor:
+    tensor = source.get(key)
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
 
 
 def _ignored(key: str) -> bool:
@@ -163,7 +182,8 @@ def _original_key(name, projector_type, clip_source=None):
     if group == "multi_modal_projector":  # linear_i is entry 2(i-1) of the official nn.Sequential (GELUs between)
         layer, param = rest.split(".")
         i = int(layer.split("_")[1])
-        return 0, f"model.mm_projector.{param}" if projector_type == "linear" else f"model.mm_projector.{2 * (i - 1)}.{param}"
+        return 0, f"model.mm_projector.{param}" if projector_type == "linear" else \
+            f"model.mm_projector.{2 * (i - 1)}.{param}"
     return 0, rest if rest.startswith("lm_head.") else "model." + rest
 
 
@@ -178,11 +198,18 @@ def _target(dtype, device):
     return dtype, device
 
 
-def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device=None) -> Llava:
+def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device=None,
+               quantize: Optional[str] = None) -> Llava:
     """Load a LLaVA checkpoint directory: llava-hf (transformers) layout, ours (the same), or the original LLaVA
-    layout, whose CLIP tower lives in its own directory: `vision_tower`, or else the config's `mm_vision_tower`."""
+    layout, whose CLIP tower lives in its own directory: `vision_tower`, or else the config's `mm_vision_tower`.
+    quantize ("int8", "int4"): the LLM's linear layers are quantized while loading (quantize.py); a checkpoint saved
+    quantized (its config.json says "quantize") loads as it was saved."""
     dtype, device = _target(dtype, device)
     hf = read_config(path)
+    saved = hf.get("quantize")
+    if saved and quantize not in (None, saved):
+        raise CheckpointError(f"{path}: saved in {saved}; load it as it is (without --quantize {quantize}), or "
+                              "quantize the float model it was made from")
     if hf.get("model_type", "").startswith("clip"):  # whose config also has text_config and vision_config
         raise CheckpointError(f"{path}: a CLIP model, not a LLaVA one (an original-layout LLaVA takes it as "
                               "--vision-tower)")
@@ -193,8 +220,11 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
         config = LlavaConfig.from_hf(hf)
         with torch.device("meta"):
             model = Llava(config)
+        if saved:
+            swap_in(model, saved)
         source = CheckpointFiles(path)
-        load_weights(model, [source], lambda name: (0, _llava_hf_key(source, name)), dtype, device, _ignored)
+        load_weights(model, [source], lambda name: (0, _llava_hf_key(source, name)), dtype, device, _ignored,
+                     None if saved else quantize)
         return model.eval()
     if "mm_vision_tower" not in hf and "mm_projector_type" not in hf:
         raise CheckpointError(f"{path}: config.json is neither a LLaVA (llava-hf) nor an original LLaVA config; "
@@ -217,7 +247,7 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
     clip_source = CheckpointFiles(clip_dir)
     load_weights(model, [CheckpointFiles(path), clip_source],
                  lambda name: _original_key(name, config.projector_type, clip_source), dtype, device,
-                 lambda key: _ignored(key) or _clip_text_tower(key))
+                 lambda key: _ignored(key) or _clip_text_tower(key), quantize)
     return model.eval()
 
 
@@ -278,7 +308,8 @@ def load_projector(model: Llava, path: str):
 def hf_state_dict(model: Llava) -> dict:
     """Our tensors under llava-hf hub names. If the vocabulary has no row for `image_token_index` (an original
     32000-token model), it is padded to a multiple of 64 with the mean embedding, as transformers' converter does
-    (convert_llava_weights_to_hf.py; it samples near the mean instead): logits over the original vocabulary are unchanged."""
+    (convert_llava_weights_to_hf.py; it samples near the mean instead): logits over the original vocabulary are
+    unchanged."""
     renamed = {}
     for name, tensor in model.state_dict().items():
         group, rest = name.split(".", 1)
@@ -292,7 +323,8 @@ def hf_state_dict(model: Llava) -> dict:
         new_vocab = -(-(model.config.image_token_index + 1) // 64) * 64
         for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
             old = renamed[key]
-            renamed[key] = torch.cat([old, old.float().mean(0, keepdim=True).to(old.dtype).expand(new_vocab - vocab, -1)])
+            mean = old.float().mean(0, keepdim=True).to(old.dtype)
+            renamed[key] = torch.cat([old, mean.expand(new_vocab - vocab, -1)])
     return renamed
 
 
@@ -326,9 +358,12 @@ def write_checkpoint(state: dict, config: dict, directory: str, max_shard_bytes:
 
 
 def save_llava(model: Llava, directory: str, max_shard_bytes: int = 5 * 2**30):
-    """Our LLaVA in the llava-hf layout: transformers' LlavaForConditionalGeneration.from_pretrained loads it."""
+    """Our LLaVA in the llava-hf layout: transformers' LlavaForConditionalGeneration.from_pretrained loads it, unless
+    it is quantized (quantize.py), which config.json then records for load_llava."""
     state = hf_state_dict(model)
     config = model.config.to_hf()
+    if mode := quantized_mode(model):
+        config["quantize"] = mode
     config["text_config"]["vocab_size"] = state["language_model.lm_head.weight"].shape[0]
     write_checkpoint(state, config, directory, max_shard_bytes)
 
@@ -353,8 +388,8 @@ def save_image_processor(config: LlavaConfig, directory: str):
 
 def save_llava_tokenizer(llm_dir, directory, image_token_index: int):
     """The LLM's tokenizer files in a llava-hf model directory, with "<image>" added at image_token_index as
-    transformers' converter (convert_llava_weights_to_hf.py) adds it: its LlavaProcessor expands that token into the image's positions.
-    Our own pipeline never needs it, since it splits prompts at "<image>" before tokenizing."""
+    transformers' converter (convert_llava_weights_to_hf.py) adds it: its LlavaProcessor expands that token into the
+    image's positions. Our own pipeline never needs it, since it splits prompts at "<image>" before tokenizing."""
     for name in os.listdir(llm_dir):
         if name.startswith(("tokenizer", "special_tokens_map")):
             shutil.copy(os.path.join(llm_dir, name), directory)
@@ -388,8 +423,8 @@ def latest_model(runs_dir: str) -> str:
     """The model directory named by <runs_dir>/LATEST, which train.py writes at the end of every finished stage."""
     latest = os.path.join(runs_dir, "LATEST")
     if not os.path.isfile(latest):
-        raise FileNotFoundError(f"no trained model: {latest} does not exist; train one with `python train.py --stage 1` "
-                                "(then `python train.py --stage 2`), or pass --model DIR")
+        raise FileNotFoundError(f"no trained model: {latest} does not exist; train one with `python train.py --stage "
+                                "1` (then `python train.py --stage 2`), or pass --model DIR")
     with open(latest) as f:
         return f.read().strip()
 
@@ -434,15 +469,17 @@ def choose_template(model_dir: str, runner: str = "cli") -> str:
     return template
 
 
-def load_for_inference(model_dir: str, vision_tower=None, dtype=None, device=None, runner: str = "cli"):
-    """(model, tokenizer, template) of a model directory in any layout. What is quick to find missing (a config, a
-    tokenizer) is looked for first, before the weights' minutes."""
+def load_for_inference(model_dir: str, vision_tower=None, dtype=None, device=None, runner: str = "cli",
+                       quantize: Optional[str] = None):
+    """(model, tokenizer, template) of a model directory in any layout, quantized as load_llava's `quantize` says.
+    What is quick to find missing (a config, a tokenizer) is looked for first, before the weights' minutes."""
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: no such model directory")
     try:
         read_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        return load_llava(model_dir, vision_tower, dtype, device), tokenizer, choose_template(model_dir, runner)
+        return (load_llava(model_dir, vision_tower, dtype, device, quantize), tokenizer,
+                choose_template(model_dir, runner))
     except (CheckpointError, OSError, ValueError, KeyError, AssertionError, SafetensorError) as e:
         # damaged files and JSON, a missing tokenizer, a config the loaders do not support (they assert it)
         message = str(e) or type(e).__name__

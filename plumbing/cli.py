@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from plumbing.checkpoints import CheckpointError, read_config
 from plumbing.files import DataError
+from quantize import has_int4_kernel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the --dtype names of the scripts
 # DTYPES less fp16 for training: its gradients underflow without loss scaling (a GradScaler), which train.py leaves
@@ -55,6 +56,14 @@ def check_sampling(temperature: float, top_p: float):
         raise argparse.ArgumentTypeError(f"--temperature {temperature}: must be 0 (greedy) or more")
     if not 0 < top_p <= 1:
         raise argparse.ArgumentTypeError(f"--top-p {top_p}: must be above 0 and at most 1 (1: off)")
+
+
+def check_quantize(mode, device: torch.device):
+    """int4 runs on torch's own int4 matmul (quantize.Int4Linear), which not every device has."""
+    if mode == "int4" and not has_int4_kernel(device):
+        raise argparse.ArgumentTypeError(f"--quantize int4: torch {torch.__version__} has no int4 matmul for {device} "
+                                         "(it has one for the CPU and for CUDA GPUs of compute capability 8.0 and up);"
+                                         " use --quantize int8")
 
 
 def positive_int(text: str) -> int:

@@ -280,7 +280,7 @@ class RunLog:
             dist.all_reduce(tokens)
         tokens = tokens.item()
         if self.device.type == "cuda":  # kernels run asynchronously: wait for this step's backward and AdamW step,
-            torch.cuda.synchronize(self.device)  # which no host read has waited for yet, or the time would leave them out
+            torch.cuda.synchronize(self.device)  # which no host read has waited for yet, or the time leaves them out
         seconds = time.time() - start_time
         record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(tokens),
                       tokens_per_s=tokens / seconds, skipped=skipped)
