@@ -342,3 +342,41 @@ def test_activation_bytes_per_position_are_what_autograd_keeps(mode, dropout):
 
     per_position = (kept(96) - kept(32)) / 64
     assert per_position == pytest.approx(layer_bytes(text, mode, 8, dropout), rel=0.05)
+
+
+# -----------------------------------------------------------------------------
+# the worked example: a question type the toy was never taught (README, "Fine-tune on your own data")
+
+
+def test_toy_task_asks_what_is_at_each_place_and_its_answers_are_what_the_images_show(tmp_path):
+    """make_toy_task's files in the official formats: every training image asked about its four places (and once
+    about what the toy knows), the held-out questions' answers the colour drawn at the place (or its background), no
+    scene one of the world's held-out ones."""
+    from data import SHORT_ANSWER, preprocess
+    from plumbing.tokenizer import load_tokenizer
+    from toy import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, TASK_CATEGORIES, make_toy_task, make_toy_world
+    world = make_toy_world(tmp_path / "world", n_train_images=20, n_stage1=20, n_stage2=40, n_eval_images=5)
+    task = make_toy_task(tmp_path / "task", n_train=30, n_eval_scenes=10, n_world_images=20)
+    tokenizer = load_tokenizer(world["tokenizer"])
+    samples = json.loads(task["train"].read_text())
+    assert len(samples) == 30
+    for sample in samples:
+        questions = [turn["value"].replace("<image>", "").strip() for turn in sample["conversations"][::2]]
+        assert len(questions) == 5 and all(q.endswith(SHORT_ANSWER) for q in questions)
+        places = sorted(q.split("the ")[1].split("?")[0] for q in questions if q.startswith("What is "))
+        assert places == sorted(POSITIONS)  # each place once; the fifth question is one the toy was taught
+        preprocess(sample["conversations"], tokenizer, "vicuna_v1", True)  # what training reads, answers and all
+        assert (task["images"] / sample["image"]).is_file()
+    questions = [json.loads(line) for line in task["eval"].read_text().splitlines()]
+    assert len(questions) == 40 and {q["category"] for q in questions} == set(TASK_CATEGORIES)
+    for q in questions:
+        image = Image.open(task["images"] / q["image"]).convert("RGB")
+        fx, fy = POSITIONS[q["text"].split("the ")[1].split("?")[0]]
+        centre = image.getpixel((int(fx * image.width), int(fy * image.height)))
+        if q["answer"] == "no object":
+            assert centre in BACKGROUNDS.values() and q["category"] == "empty place"
+        else:
+            colour, shape = q["answer"].split()
+            assert centre == COLOURS[colour] and shape in SHAPES and q["category"] == "object at a place"
+    held_out = {p.read_bytes() for p in world["images"].glob("eval_*.png")}
+    assert not held_out & {p.read_bytes() for p in task["images"].iterdir()}
