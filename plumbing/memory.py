@@ -81,7 +81,7 @@ def memory_table(config, cfg, world: int, dtype_bytes: int) -> str:
     r = cfg.lora_r or 128  # the official scripts' rank, where this run trains in full
     table = step_memory(config, cfg.micro_batch, cfg.max_len, r, cfg.lora_dropout, dtype_bytes,
                         cfg.gradient_checkpointing, shards)
-    this = "lora" if cfg.lora_r else "full"
+    this = ("lora" if cfg.lora_r else "full") if cfg.stage == 2 else None  # stage 1, the projector alone: less
     lines = [f"memory a step needs on each GPU, computed (docs/finetune.md), for micro-batches of {cfg.micro_batch} × "
              f"{cfg.max_len} positions (--max-len: the longest)" + (f", FSDP over {shards} ranks" if shards > 1 else "")
              + ", in GB:", f"{'':12}{'weights':>9}{'grads':>8}{'AdamW':>8}{'activ.':>8}{'total':>8}"]

@@ -7,6 +7,7 @@ train.py's LoRA runs (DDP, FSDP, resume, the files a run writes) are in test_tra
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -308,6 +309,24 @@ def test_memory_estimate_is_what_a_tiny_step_holds(mode):
         qlora = step_memory(config, 1, 64, R, 0.0, dtype_bytes=2)["qlora"]
         assert qlora["weights"] == pytest.approx(expected["weights"] - counts["llm_linear"] * (2 - QLORA_BITS / 8))
         assert qlora["optimizer"] == expected["optimizer"]
+
+
+def test_train_py_prints_the_memory_of_each_way_and_marks_its_own():
+    """Stage 2 marks full fine-tuning or LoRA (at the run's rank; the official 128 where LoRA is off); stage 1,
+    which trains the projector alone, none. FSDP divides what it shards."""
+    from types import SimpleNamespace
+    from plumbing.memory import memory_table
+    config = LlavaConfig.from_name("llava-v1.5-7b")
+    cfg = dict(stage=2, micro_batch=16, max_len=2048, lora_r=0, lora_dropout=0.05, gradient_checkpointing=True,
+               fsdp=False)
+    rows = {line.split()[0] + line.split()[1]: line for line in memory_table(
+        config, SimpleNamespace(**cfg), 1, 2).splitlines()[2:]}
+    assert rows["full27.6"].endswith("<- this run") and rows["LoRAr128"].split()[-1] == "45.4"
+    lora = memory_table(config, SimpleNamespace(**{**cfg, "lora_r": 64}), 1, 2)
+    assert re.search(r"\nLoRA r64 .*<- this run\n", lora) and "QLoRA r64" in lora
+    assert "<- this run" not in memory_table(config, SimpleNamespace(**{**cfg, "stage": 1}), 1, 2)
+    sharded = memory_table(config, SimpleNamespace(**{**cfg, "fsdp": True}), 8, 2)
+    assert "FSDP over 8 ranks" in sharded and re.search(r"\nfull +3\.5 +3\.4 +6\.8 ", sharded)
 
 
 @pytest.mark.parametrize("mode, dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.05)])
