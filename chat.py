@@ -3,6 +3,8 @@
     python chat.py photo.jpg                                   # the model train.py wrote last (runs/LATEST)
     python chat.py photo.jpg --model llava-v1.5-7b --vision-tower clip-vit-large-patch14-336  # original layout
     python chat.py photo.jpg --model llava-1.5-7b-hf            # llava-hf layout
+    python chat.py photo.jpg --model llava-v1.5-7b-lora --model-base vicuna-7b-v1.5 \\
+        --vision-tower clip-vit-large-patch14-336               # an official LoRA, merged into its base
     python chat.py a.png b.png -p "What differs?" -p "Which is darker?" --temperature 0   # scripted
 
 Interactive: each answer streams as it is generated. Commands: /image PATH [PATH ...] starts a new conversation
@@ -210,6 +212,8 @@ def parse_args(argv=None):
     p.add_argument("--model", metavar="DIR",
                    help="ours, llava-hf or original LLaVA layout (default: the one in runs/LATEST)")
     p.add_argument("--vision-tower", metavar="DIR", help="CLIP for an original-layout model (default: its config's)")
+    p.add_argument("--model-base", metavar="DIR", help="what a LoRA --model (official layout) was trained from, as "
+                   "the official --model-base: a Vicuna, or the finished LLaVA of a task LoRA; merged into it")
     p.add_argument("-p", "--prompt", action="append", metavar="QUESTION",
                    help="ask this and print only the answer; repeat for more turns (no interactive chat)")
     p.add_argument("--conv-mode", choices=sorted(CONV_TEMPLATES), help="template (default: see above)")
@@ -253,7 +257,7 @@ def main(argv=None) -> int:
         images = [open_local_image(path) for path in args.images]  # before the model, which may take minutes
         model_dir = args.model or latest_model(RUNS)
         model, tokenizer, template = load_for_inference(model_dir, args.vision_tower, args.dtype, args.device,
-                                                        quantize=args.quantize)
+                                                        quantize=args.quantize, model_base=args.model_base)
     except (DataError, CheckpointError, FileNotFoundError) as e:  # each names the image or model at fault
         print(f"chat.py: {e}", file=sys.stderr)
         return 2

@@ -148,7 +148,7 @@ def run_generation(args, model_dir, questions, image_folder, answers_file, num_c
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model, tokenizer, template = load_for_inference(model_dir, args.vision_tower, dtype, device, runner="eval",
-                                                        quantize=args.quantize)
+                                                        quantize=args.quantize, model_base=args.model_base)
         conv_mode = args.conv_mode or template
         batch_size = args.batch_size or (8 if device.type == "cuda" else 4)
         if rank == 0:
@@ -180,14 +180,18 @@ def model_directory(args):
 def evaluate_toy(args):
     """The bare `python eval.py`: the toy world's held-out questions, answered afresh, scored, printed as a table."""
     model_dir = model_directory(args)
-    world = ensure_toy_world(Path(args.runs_dir) / "toy" / "world")
+    if args.toy_questions:  # another question set about the toy world (toy.py's make_toy_task writes one)
+        world = dict(eval=Path(args.toy_questions), images=Path(args.toy_questions).parent / "images")
+    else:
+        world = ensure_toy_world(Path(args.runs_dir) / "toy" / "world")
     if args.toy_scenes:  # a larger set, for comparing training recipes
         world = ensure_toy_eval(world["root"], args.toy_scenes)
     questions = read_jsonl(world["eval"], required=("question_id", "text", "category", "answer"))
     args.max_new_tokens = args.max_new_tokens or 128
     # afresh, not resumed: training a stage again overwrites its model directory, and this takes seconds. A larger
-    # set has its own file, so that it does not replace the default run's answers
-    name = "toy_eval_answers" + (f"_{args.toy_scenes}scenes" if args.toy_scenes else "") + (
+    # set, another one or a quantized model has its own file, so that it does not replace the default run's answers
+    name = "toy_eval_answers" + (f"_{args.toy_scenes}scenes" if args.toy_scenes else
+                                 f"_{Path(args.toy_questions).parent.name}" if args.toy_questions else "") + (
         f"_{args.quantize}" if args.quantize else "") + ".jsonl"
     answers_file = Path(args.answers_file or Path(model_dir).parent / name)
     # LLaVA-Plus's loop with the toy's tools; a model never taught the format answers plainly, which is its value
@@ -251,6 +255,9 @@ def add_generation_options(parser, defaults=True):
                         help="train.py's output folder, holding LATEST and toy/world (default: runs/ in the repo)")
     parser.add_argument("--vision-tower", default=default(None),
                         help="the CLIP directory of an original-layout model (default: its config's mm_vision_tower)")
+    parser.add_argument("--model-base", default=default(None),
+                        help="what a LoRA --model (official layout) was trained from, as the official --model-base: "
+                             "a Vicuna, or the finished LLaVA of a task LoRA; merged into it")
     parser.add_argument("--conv-mode", default=default(None), choices=list(CONV_TEMPLATES), metavar="TEMPLATE",
                         help=f"conversation template: {', '.join(CONV_TEMPLATES)} (default: the one in the "
                              "model's train_config.json, else vicuna_v1, as every LLaVA-1.5 eval script)")
@@ -313,12 +320,15 @@ def main(argv=None):
     add_generation_options(parser)
     parser.add_argument("--answers-file",
                         help="where the toy answers go (default: beside the model directory, toy_eval_answers.jsonl, "
-                             "or toy_eval_answers_<N>scenes.jsonl with --toy-scenes N; _int8 or _int4 before "
-                             ".jsonl with --quantize)")
+                             "or toy_eval_answers_<N>scenes.jsonl with --toy-scenes N, toy_eval_answers_<DIR>.jsonl "
+                             "with --toy-questions DIR/FILE; _int8 or _int4 before .jsonl with --quantize)")
     parser.add_argument("--toy-scenes", type=positive_int, default=0, metavar="N",
                         help="ask about this many held-out scenes instead of the world's 100, 3 questions each "
                              "(drawn once into <runs-dir>/toy/world/eval-<N>/): the 300 questions measure accuracy "
                              "to about ± 2.6 points (one standard error), too coarse to compare training recipes")
+    parser.add_argument("--toy-questions", metavar="FILE",
+                        help="ask these questions instead, in the toy world's eval.jsonl format, their images in the "
+                             "images/ folder beside the file (toy.py's make_toy_task writes such a set)")
     commands = parser.add_subparsers(dest="command", title="commands (optional)")
 
     generate = commands.add_parser(
@@ -356,6 +366,8 @@ def main(argv=None):
     score.add_argument("--split", default="test", help="ScienceQA split in pid_splits.json (default: test)")
 
     args = parser.parse_args(argv)
+    if args.toy_scenes and args.toy_questions:
+        parser.error("--toy-scenes and --toy-questions: give one")
     if args.command == "generate" and not 0 <= args.chunk_idx < args.num_chunks:
         generate.error("need 0 <= --chunk-idx < --num-chunks")
     if args.command != "score":

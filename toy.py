@@ -751,3 +751,51 @@ def format_toy_table(report):
         [f"{header:<{width}}{'right':>7}{'questions':>11}{'accuracy':>10}"]
         + [f"{name:<{width}}{row['right']:>7}{row['questions']:>11}{row['accuracy']:>10.2f}" for name, row in rows])
         for header, rows in sections)
+
+
+# -----------------------------------------------------------------------------
+# your own data: a question type the finished toy model was never taught (README, "Fine-tune on your own data")
+
+TASK_CATEGORIES = ("object at a place", "empty place")
+
+
+def what_is_at(scene: dict, position: str) -> tuple[str, str]:
+    """The new question type: "What is on the left?" -> "red circle", or "no object" where none is."""
+    there = [f"{o['colour']} {o['shape']}" for o in scene["objects"] if o["position"] == position]
+    return f"What is {place_phrase(position)}?", there[0] if there else "no object"
+
+
+def make_toy_task(root, seed: int = 1, n_train: int = 2000, n_eval_scenes: int = 100, world_seed: int = 0,
+                  n_world_images: int = 4000) -> dict:
+    """A fine-tuning task as a user brings one, in the official formats under root: images/, train.json (LLaVA's
+    conversation JSON: each image asked "What is on the left?" and the like for its four places, in a random order,
+    and once something the toy already knows, so that it keeps what it knows) and eval.jsonl (the toy world's eval
+    format: one question per place of held-out scenes, for `python eval.py --toy-questions root/eval.jsonl`).
+
+    The scenes are new ones, none of them one of the held-out scenes of the toy world made with world_seed and
+    n_world_images (its eval.jsonl measures what fine-tuning makes the model forget)."""
+    root, rng, world_rng = Path(root), random.Random(seed), random.Random(world_seed)
+    world_train = [_scene(world_rng) for _ in range(n_world_images)]  # drawn again, only to find its held-out scenes
+    world_eval = _unseen_scenes(world_rng, world_train, 100)  # a world of up to 100 held-out scenes has these first
+    train = _unseen_scenes(rng, world_eval, n_train)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, scene in enumerate(train):
+        _draw(scene).save(root / "images" / f"task_{i:05d}.png")
+        pairs = [what_is_at(scene, position) for position in rng.sample(list(POSITIONS), len(POSITIONS))]
+        question, answer, _ = _question(scene, rng.choice(EVAL_CATEGORIES), rng)
+        pairs.insert(rng.randrange(len(pairs) + 1), (question, answer))
+        pairs = [(q + SHORT_ANSWER, a) for q, a in pairs]
+        pairs[0] = (_with_image(pairs[0][0], rng), pairs[0][1])
+        samples.append(dict(id=f"task_{i:05d}", image=f"task_{i:05d}.png", conversations=_turns(pairs)))
+    questions = []
+    for i, scene in enumerate(_unseen_scenes(rng, train, n_eval_scenes)):
+        _draw(scene).save(root / "images" / f"task_eval_{i:05d}.png")
+        for position in POSITIONS:
+            question, answer = what_is_at(scene, position)
+            questions.append(dict(question_id=len(questions), image=f"task_eval_{i:05d}.png",
+                                  text=question + SHORT_ANSWER, category=TASK_CATEGORIES[answer == "no object"],
+                                  answer=answer, objects=len(scene["objects"])))
+    (root / "train.json").write_text(json.dumps(samples, indent=1))
+    (root / "eval.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return dict(root=root, images=root / "images", train=root / "train.json", eval=root / "eval.jsonl")

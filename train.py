@@ -8,6 +8,8 @@ template, lr 1e-3, global batch 256. Stage 2, visual instruction tuning: project
 One optimizer step, `train_step`, is the heart of it: the loss is the mean over every supervised token of the global
 batch (all ranks, all micro-steps), and gradients cross between ranks once per step, on the last micro-step.
 
+Stage 2 can also start from a finished LLaVA, to fine-tune it on your own data (`--model`, finetune_task.sh), and
+can train LoRA (lora.py) in place of the whole LLM (`--lora-r 128`, finetune_lora.sh and finetune_task_lora.sh).
 With no model arguments it trains the toy world (toy.py) on the CPU; its base models come from "stage 0", which runs
 by itself the first time, so that stage 1 starts from plain HF directories exactly as the real recipe does.
 
@@ -17,6 +19,7 @@ by itself the first time, so that stage 1 starts from plain HF directories exact
         --data blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images
     torchrun --nproc_per_node 8 train.py --stage 2 --llm VICUNA_DIR --vision-tower CLIP_DIR \\
         --projector runs/stage1/model --data llava_v1_5_mix665k.json --image-folder playground/data
+    python train.py --stage 2 --model llava-1.5-7b-hf --data my.json --image-folder my_images --lora-r 128
 
 Every stage ends by writing `<out_dir>/model` (llava-hf layout, loadable by transformers, chat.py and eval.py) and
 pointing `<runs_dir>/LATEST` at it. An out_dir that holds an earlier run's checkpoints takes `--resume true` (continue
@@ -43,10 +46,12 @@ from clip import ASPECT_RATIOS, CLIPVisionConfig
 from data import CONV_TEMPLATES, LazySupervisedDataset, ModalityLengthGroupedSampler, collate
 from llama import LlamaConfig
 from model import IGNORE_INDEX, LlavaConfig
-from plumbing.checkpoints import load_base, load_projector, read_config
+from lora import add_lora
+from plumbing.checkpoints import load_base, load_llava, load_projector, read_config, read_llava_config
 from plumbing.cli import (DTYPES, TRAIN_DTYPES, check_gpus, check_images, check_launch, check_train_config,
                           default_help, leave_process_group, one_line_errors, option, parse_bool, unknown_option_hint)
 from plumbing.files import DataError
+from plumbing.memory import memory_table
 from plumbing.runs import (RunLog, check_same_run, checkpoint_dirs, claim_out_dir, gather_model, load_checkpoint, log,
                            publish, save_checkpoint, start_afresh)
 from plumbing.tokenizer import load_tokenizer
@@ -67,6 +72,8 @@ class TrainConfig:
                               "<runs-dir>/toy/stage<N>)")
     # models (empty = the toy world's, made by stage 0)
     llm: str = option("", "a plain HF LLaMA / Vicuna directory, also holding the tokenizer (empty: the toy's)")
+    model: str = option("", "stage 2 from a finished LLaVA (ours, llava-hf, original layout with --vision-tower), not "
+                            "--llm and --projector: stage 2's defaults are finetune_task.sh's (and _lora.sh's)")
     vision_tower: str = option("", "a plain HF CLIP directory (empty: the toy's)")
     projector: str = option("", "stage 2: a stage-1 model directory (or its run's, holding model/) or an official "
                                 "mm_projector.bin (or its run's directory); its projector type comes with it")
@@ -96,6 +103,11 @@ class TrainConfig:
     fsdp: bool = option(False, "shard the LLM with FSDP: stage 2 of a 7B model does not fit one GPU with DDP")
     compile: bool = option(False, "compile each LLM decoder layer (torch.compile): fewer, fused kernels; the first "
                                   "steps pay for compiling")
+    # LoRA (lora.py): the LLM frozen, low-rank changes of its seven projections trained beside the projector
+    lora_r: int = option(0, "LoRA's rank (the official LoRA scripts: 128); 0: the LLM trains in full")
+    lora_alpha: float = option(256.0, "LoRA's change is scaled by alpha / r")
+    lora_dropout: float = option(0.05, "dropout on the input of LoRA's branch")
+    projector_lr: float = option(0.0, "the projector's peak learning rate (official mm_projector_lr); 0: --lr")
     # runtime
     device: str = option("auto", "auto: cuda if available, else cpu; cpu; cuda")
     dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; " + "; ".join(TRAIN_DTYPES))
@@ -115,6 +127,7 @@ STAGE_DEFAULTS = {  # scripts/v1_5/pretrain.sh and finetune.sh (8 GPUs × per-de
     2: dict(lr=2e-5, global_batch=128, micro_batch=16, template="vicuna_v1", image_aspect_ratio="pad",
             group_by_modality=True),
 }
+LORA_DEFAULTS = dict(lr=2e-4, projector_lr=2e-5)  # scripts/v1_5/finetune_lora.sh and finetune_task_lora.sh
 
 
 def resolve_config(argv=None) -> TrainConfig:
@@ -124,7 +137,7 @@ def resolve_config(argv=None) -> TrainConfig:
     for f in fields:
         flag = dict(type=parse_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)  # --x: true
         parser.add_argument("--" + f.name.replace("_", "-"), **flag, default=None, metavar=f.type.__name__.upper(),
-                            help=f.metadata["help"] + default_help(f, STAGE_DEFAULTS, TOY_DEFAULTS))
+                            help=f.metadata["help"] + default_help(f, STAGE_DEFAULTS, TOY_DEFAULTS, LORA_DEFAULTS))
     known, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(unknown_option_hint(unknown, {f.name for f in fields}))
@@ -132,7 +145,7 @@ def resolve_config(argv=None) -> TrainConfig:
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in ("stage", "runs_dir")})
     if cfg.stage not in (0, 1, 2):
         parser.error(f"--stage {cfg.stage}: choose 0 (the toy's base models), 1 or 2")
-    toy = not given.get("llm")
+    toy = not given.get("llm") and not given.get("model")
     if toy and given.get("vision_tower"):  # the toy LLM with a real tower: surely a forgotten --llm
         parser.error("--vision-tower without --llm: the real recipe needs --llm, --vision-tower and --data (with "
                      "none of them, train.py trains the toy world)")
@@ -145,7 +158,9 @@ def resolve_config(argv=None) -> TrainConfig:
         if cfg.stage == 2:
             values["projector"] = paths["stage1"]
     else:
-        values["out_dir"] = os.path.join(cfg.runs_dir, f"stage{cfg.stage}")
+        values["out_dir"] = os.path.join(cfg.runs_dir, "task" if given.get("model") else f"stage{cfg.stage}")
+    if given.get("lora_r"):
+        values.update(LORA_DEFAULTS, out_dir=values["out_dir"] + "-lora")
     cfg = TrainConfig(**{**dataclasses.asdict(cfg), **values, **given})
     check_train_config(cfg, given, parser, CONV_TEMPLATES, ASPECT_RATIOS, projector_depth)
     return cfg
@@ -178,16 +193,19 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cfg: TrainConfig, device, dtype):
-    """Bases + projector, with only this stage's parts trainable. Frozen parts are kept in the compute dtype;
+    """Bases + projector, or a finished LLaVA (--model), with only this run's parts trainable: the projector, and in
+    stage 2 the LLM or, with LoRA, low-rank changes of its projections. Frozen parts are kept in the compute dtype;
     trainable parts in fp32 (autocast computes in bf16, AdamW updates fp32 master weights)."""
-    model = load_base(cfg.llm, cfg.vision_tower, cfg.projector_type, dtype=dtype, device=device)
+    model = (load_llava(cfg.model, cfg.vision_tower or None, dtype=dtype, device=device) if cfg.model else
+             load_base(cfg.llm, cfg.vision_tower, cfg.projector_type, dtype=dtype, device=device))
     if cfg.projector:
         load_projector(model, cfg.projector)
     model.requires_grad_(False)
-    trainable = [model.multi_modal_projector] + ([model.language_model] if cfg.stage == 2 else [])
-    for part in trainable:
-        part.float().requires_grad_(True)
-    model.multi_modal_projector.float()  # fresh or loaded, the projector is trained in fp32 (stage 2 too)
+    if cfg.lora_r:  # new fp32 A and B beside each frozen projection, trainable
+        add_lora(model.language_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    elif cfg.stage == 2:
+        model.language_model.float().requires_grad_(True)
+    model.multi_modal_projector.float().requires_grad_(True)
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.compile:
         model.language_model.compile_layers()  # fused kernels, fewer saved activations (see there)
@@ -208,14 +226,16 @@ def shard(model, world: int, device, dtype):
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def make_optimizer(params, cfg: TrainConfig):
-    """AdamW with the HF defaults LLaVA used; no weight decay on biases and norm weights (LLaVATrainer). Fused: one
-    kernel updates every parameter instead of a dozen small ops per parameter tensor; the CPU has it too, so the
-    tests run the optimizer the GPU runs."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+def make_optimizer(trainable: dict, cfg: TrainConfig):
+    """AdamW with the HF defaults LLaVA used, in LLaVATrainer.create_optimizer's groups: no weight decay on biases and
+    norm weights, the projector at its own peak lr. Fused: one kernel updates every parameter instead of a dozen small
+    ops per parameter tensor; the CPU has it too, so the tests run the optimizer the GPU runs."""
+    groups = []
+    for projector, peak in ((False, cfg.lr), (True, cfg.projector_lr or cfg.lr)):
+        params = [p for n, p in trainable.items() if n.startswith("multi_modal_projector.") == projector]
+        groups += [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay, peak_lr=peak),
+                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, peak_lr=peak)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def get_lr(step: int, total: int, base: float, warmup_ratio: float) -> float:
@@ -302,10 +322,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     resume_from = earlier[-1] if earlier else None  # the newest checkpoint
     if resume_from:
         check_same_run(cfg, resume_from, rank)
-    tokenizer = load_tokenizer(cfg.llm)
+    tokenizer = load_tokenizer(cfg.model or cfg.llm)
     # the data is checked before the weights' minutes of loading: the configs say how an image becomes positions
-    config = LlavaConfig(vision=CLIPVisionConfig.from_hf(read_config(cfg.vision_tower)),
-                         text=LlamaConfig.from_hf(read_config(cfg.llm)))
+    config = read_llava_config(cfg.model, cfg.vision_tower or None) if cfg.model else LlavaConfig(
+        vision=CLIPVisionConfig.from_hf(read_config(cfg.vision_tower)), text=LlamaConfig.from_hf(read_config(cfg.llm)))
     dataset = LazySupervisedDataset(cfg.data, cfg.image_folder, tokenizer, cfg.template,
                                     image_size=config.vision.image_size, image_aspect_ratio=cfg.image_aspect_ratio,
                                     max_len=cfg.max_len, image_tokens=config.num_image_tokens, skip_bad=cfg.skip_bad)
@@ -322,6 +342,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
         raise SystemExit(f"{cfg.data}: {len(dataset)} samples make no full global batch of {cfg.global_batch} "
                          "(--global-batch)")
 
+    log(rank, memory_table(config, cfg, world, torch.finfo(dtype).bits // 8))
     model = build_model(cfg, device, dtype)
     if cfg.compile:
         log(rank, "the LLM's decoder layers are compiled (torch.compile): the first steps are slow while it compiles")
@@ -332,7 +353,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
     if cfg.fsdp:
         shard(model, world, device, dtype)  # before the optimizer: sharding replaces every parameter
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = make_optimizer(list(trainable.values()), cfg)
+    optimizer = make_optimizer(trainable, cfg)
     start_step, skipped = load_checkpoint(resume_from, model, trainable, optimizer, cfg.fsdp) if resume_from else (0, 0)
     model.train()
     model.vision_tower.eval()  # frozen: CLIP's statistics stay as pretrained
@@ -367,7 +388,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                     break
                 t0 = time.time()
                 for group in optimizer.param_groups:
-                    group["lr"] = get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio)
+                    group["lr"] = get_lr(step, total_steps, group["peak_lr"], cfg.warmup_ratio)
+                torch.manual_seed(cfg.seed + step * world + rank)  # LoRA's dropout: a resumed step draws alike
                 batches = [next(loader) for _ in range(accum)]
                 skipped += sum(b["n_skipped"] for b in batches)
                 loss_sum, n_tokens, grad_norm = train_step(model, ddp_model, batches, optimizer,
@@ -387,7 +409,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device, dtype):
                         f"{cfg.max_len}; no model written")
     if step > start_step:  # a finished run resumed has its last checkpoint already
         save_checkpoint(cfg, step, model, trainable, optimizer, skipped, rank)
-    publish(cfg, gather_model(model) if cfg.fsdp else model, step, start_step, total_steps, skipped, rank)
+    publish(cfg, gather_model(model, cfg) if cfg.fsdp else model, step, start_step, total_steps, skipped, rank)
     return model
 
 

@@ -8,8 +8,10 @@ Also the inference entry that chat.py and eval.py share: which model (`latest_mo
 (`choose_template`), loaded with its tokenizer (`load_for_inference`).
 """
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Callable, Optional
 
@@ -19,6 +21,7 @@ from safetensors import SafetensorError
 
 from clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower
 from llama import Llama, LlamaConfig
+from lora import TARGETS, add_lora, merge_lora
 from model import IMAGE_MARKER, Llava, LlavaConfig
 from projector import Projector
 from quantize import QUANTIZED, llm_linears, quantized_mode, swap_in
@@ -198,18 +201,11 @@ def _target(dtype, device):
     return dtype, device
 
 
-def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device=None,
-               quantize: Optional[str] = None) -> Llava:
-    """Load a LLaVA checkpoint directory: llava-hf (transformers) layout, ours (the same), or the original LLaVA
-    layout, whose CLIP tower lives in its own directory: `vision_tower`, or else the config's `mm_vision_tower`.
-    quantize ("int8", "int4"): the LLM's linear layers are quantized while loading (quantize.py); a checkpoint saved
-    quantized (its config.json says "quantize") loads as it was saved."""
-    dtype, device = _target(dtype, device)
+def read_llava_config(path: str, vision_tower: Optional[str] = None) -> LlavaConfig:
+    """The LlavaConfig of a LLaVA checkpoint directory, read without its weights: llava-hf (transformers) layout, ours
+    (the same), or the original LLaVA layout, whose CLIP tower lives in its own directory: `vision_tower`, or else the
+    config's `mm_vision_tower`. Raises CheckpointError for what a user can fix."""
     hf = read_config(path)
-    saved = hf.get("quantize")
-    if saved and quantize not in (None, saved):
-        raise CheckpointError(f"{path}: saved in {saved}; load it as it is (without --quantize {quantize}), or "
-                              "quantize the float model it was made from")
     if hf.get("model_type", "").startswith("clip"):  # whose config also has text_config and vision_config
         raise CheckpointError(f"{path}: a CLIP model, not a LLaVA one (an original-layout LLaVA takes it as "
                               "--vision-tower)")
@@ -217,37 +213,55 @@ def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device
         if vision_tower:
             raise CheckpointError(f"{path}: holds its own CLIP tower (llava-hf layout); --vision-tower is for the "
                                   "original layout")
-        config = LlavaConfig.from_hf(hf)
-        with torch.device("meta"):
-            model = Llava(config)
-        if saved:
-            swap_in(model, saved)
-        source = CheckpointFiles(path)
-        load_weights(model, [source], lambda name: (0, _llava_hf_key(source, name)), dtype, device, _ignored,
-                     None if saved else quantize)
-        return model.eval()
+        return LlavaConfig.from_hf(hf)
     if "mm_vision_tower" not in hf and "mm_projector_type" not in hf:
         raise CheckpointError(f"{path}: config.json is neither a LLaVA (llava-hf) nor an original LLaVA config; "
                               "for a plain LLaMA/Vicuna and CLIP use load_base()")
+    feature = hf.get("mm_vision_select_feature", "patch")
+    assert feature in ("patch", "cls_patch"), f"mm_vision_select_feature {feature!r} is not supported"
+    return LlavaConfig(vision=CLIPVisionConfig.from_hf(read_config(original_clip_dir(path, hf, vision_tower))),
+                       text=LlamaConfig.from_hf(hf), projector_type=hf.get("mm_projector_type", "linear"),
+                       vision_feature_layer=hf.get("mm_vision_select_layer", -2),
+                       vision_feature_select_strategy="default" if feature == "patch" else "full",
+                       image_aspect_ratio=hf.get("image_aspect_ratio", "square"))
+
+
+def original_clip_dir(path: str, hf: dict, vision_tower: Optional[str]) -> str:
+    """The CLIP directory of an original-layout config: --vision-tower, else its mm_vision_tower if that is local."""
     if vision_tower and not os.path.isdir(vision_tower):
         raise CheckpointError(f"--vision-tower {vision_tower}: no such directory")
     clip_dir = vision_tower or hf.get("mm_vision_tower")
     if not clip_dir or not os.path.isdir(clip_dir):
         raise CheckpointError(f"{path}: its CLIP tower {hf.get('mm_vision_tower')!r} is not a local directory; pass "
                               "--vision-tower DIR (a local copy of openai/clip-vit-large-patch14-336)")
-    feature = hf.get("mm_vision_select_feature", "patch")
-    assert feature in ("patch", "cls_patch"), f"mm_vision_select_feature {feature!r} is not supported"
-    config = LlavaConfig(vision=CLIPVisionConfig.from_hf(read_config(clip_dir)), text=LlamaConfig.from_hf(hf),
-                         projector_type=hf.get("mm_projector_type", "linear"),
-                         vision_feature_layer=hf.get("mm_vision_select_layer", -2),
-                         vision_feature_select_strategy="default" if feature == "patch" else "full",
-                         image_aspect_ratio=hf.get("image_aspect_ratio", "square"))
+    return clip_dir
+
+
+def load_llava(path: str, vision_tower: Optional[str] = None, dtype=None, device=None,
+               quantize: Optional[str] = None) -> Llava:
+    """Load a LLaVA checkpoint directory in any of read_llava_config's layouts. quantize ("int8", "int4"): the LLM's
+    linear layers are quantized while loading (quantize.py); a checkpoint saved quantized (its config.json says
+    "quantize") loads as it was saved."""
+    dtype, device = _target(dtype, device)
+    config = read_llava_config(path, vision_tower)
+    hf = read_config(path)
+    saved = hf.get("quantize")
+    if saved and quantize not in (None, saved):
+        raise CheckpointError(f"{path}: saved in {saved}; load it as it is (without --quantize {quantize}), or "
+                              "quantize the float model it was made from")
     with torch.device("meta"):
         model = Llava(config)
-    clip_source = CheckpointFiles(clip_dir)
+    if saved:
+        swap_in(model, saved)
+    if "text_config" in hf:  # llava-hf
+        source = CheckpointFiles(path)
+        load_weights(model, [source], lambda name: (0, _llava_hf_key(source, name)), dtype, device, _ignored,
+                     None if saved else quantize)
+        return model.eval()
+    clip_source = CheckpointFiles(original_clip_dir(path, hf, vision_tower))
     load_weights(model, [CheckpointFiles(path), clip_source],
                  lambda name: _original_key(name, config.projector_type, clip_source), dtype, device,
-                 lambda key: _ignored(key) or _clip_text_tower(key), quantize)
+                 lambda key: _ignored(key) or _clip_text_tower(key), None if saved else quantize)
     return model.eval()
 
 
@@ -288,13 +302,15 @@ def load_base(llm: str, vision_tower: str, projector_type: str = "mlp2x_gelu", d
 
 def load_projector(model: Llava, path: str):
     """Stage 2's starting projector: from a stage-1 output directory (ours, llava-hf layout) or an official
-    `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`, as the liuhaotian pretrain releases ship it)."""
+    `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`, as the liuhaotian pretrain releases ship it). Also a LoRA
+    run's projector, its `non_lora_trainables.bin` (the same keys under PEFT's `base_model.model.`)."""
     source = CheckpointFiles(path)
     projector_type = model.config.projector_type
 
-    def key_map(name):
-        ours = _llava_hf_key(source, "multi_modal_projector." + name)
-        return 0, ours if ours in source.keys() else _original_key("multi_modal_projector." + name, projector_type)[1]
+    def key_map(name):  # ours (llava-hf), mm_projector.bin, or a LoRA run's non_lora_trainables.bin (PEFT's names)
+        original = _original_key("multi_modal_projector." + name, projector_type)[1]
+        return 0, _first_present(source, [original, PEFT_PREFIX + original,
+                                          _llava_hf_key(source, "multi_modal_projector." + name)])
 
     llava_parts = ("language_model.", "vision_tower.", "model.language_model.", "model.vision_tower.", "lm_head.")
     load_weights(model.multi_modal_projector, [source], key_map, model.multi_modal_projector.linear_1.weight.dtype,
@@ -416,6 +432,138 @@ def save_clip(tower: CLIPVisionTower, directory: str):
 
 
 # -----------------------------------------------------------------------------
+# LoRA adapters in the official layout: PEFT's files, as llava/train/train.py writes them at the end of a LoRA run
+# and llava/model/builder.py merges them into their base
+
+PEFT_PREFIX = "base_model.model."  # PEFT wraps LlavaLlamaForCausalLM as PeftModel.base_model.model
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT >= 0.7 writes the first, 0.6 the second
+# PEFT's name of an A or B matrix, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+ADAPTER_KEY = re.compile(re.escape(PEFT_PREFIX) + r"model\.layers\.\d+\.(" + "|".join(map(re.escape, TARGETS))
+                         + r")\.lora_[AB]\.weight")
+MERGE_INSTEAD = ("merge it with the official scripts/merge_lora_weights.py and pass the merged model as --model "
+                 "alone")
+
+
+def is_lora_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def _is_llava(hf: dict) -> bool:  # llava-hf or the original layout, against a plain LLaMA / Vicuna
+    return ("text_config" in hf and "vision_config" in hf) or "mm_vision_tower" in hf or "mm_projector_type" in hf
+
+
+def read_adapter_config(lora_dir: str) -> dict:
+    """The settings of a PEFT adapter_config.json that LoRA's arithmetic needs: r, lora_alpha and the targets (as
+    lora.TARGETS names them). Keys we do not know (newer PEFT adds some) are ignored; a setting that would change the
+    arithmetic, which we do not reproduce, is refused."""
+    path = os.path.join(lora_dir, "adapter_config.json")
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    unsupported = [f"{key} {config[key]!r}" for key, plain in (("peft_type", "LORA"), ("fan_in_fan_out", False),
+                                                                ("bias", "none"), ("use_dora", False),
+                                                                ("use_rslora", False))
+                   if config.get(key, plain) not in (plain, None)]
+    unsupported += [f"{key} {config[key]!r}" for key in ("rank_pattern", "alpha_pattern", "layers_to_transform",
+                                                          "modules_to_save") if config.get(key)]
+    if unsupported:
+        raise CheckpointError(f"{path}: {', '.join(unsupported)} is not plain LoRA, which is all we merge; "
+                              + MERGE_INSTEAD)
+    ours = {target.split(".")[1]: target for target in TARGETS}
+    named = config.get("target_modules") or []
+    named = [named] if isinstance(named, str) else named
+    foreign = [name for name in named if name.split(".")[-1] not in ours]
+    if foreign or not named:
+        raise CheckpointError(f"{path}: an adapter for modules this LLaVA does not have ({', '.join(foreign)}); "
+                              f"ours takes LoRA on the LLM's {', '.join(ours)}: " + MERGE_INSTEAD)
+    return dict(r=config["r"], alpha=config["lora_alpha"], base=config.get("base_model_name_or_path"),
+                targets=[ours[name] for name in ours if name in {n.split(".")[-1] for n in named}])
+
+
+def load_lora(lora_dir: str, base_dir: str, vision_tower: Optional[str] = None, dtype=None, device=None) -> Llava:
+    """A LoRA directory in the official layout merged into its base, as the LoRA branch of llava/model/builder.py
+    does: the base's LLM (a Vicuna for finetune_lora.sh's adapters, with the LLaVA config and CLIP tower that the LoRA
+    directory's config.json names; or the finished LLaVA that finetune_task_lora.sh trained from, whose tower is
+    kept), the projector from non_lora_trainables.bin, then W += (alpha / r) · B A in every adapted projection (PEFT's
+    merge_and_unload; summed in fp32 here, where the official loader sums in fp16)."""
+    settings = read_adapter_config(lora_dir)
+    dtype, device = _target(dtype, device)
+    if _is_llava(read_config(base_dir)):
+        model = load_llava(base_dir, vision_tower, dtype, device)
+    else:
+        config = read_llava_config(lora_dir, vision_tower)
+        model = load_base(base_dir, original_clip_dir(lora_dir, read_config(lora_dir), vision_tower),
+                          config.projector_type, dtype, device)
+        model.config = dataclasses.replace(config, vision=model.config.vision, text=model.config.text)
+    load_adapter(model.language_model, lora_dir, base_dir, settings)
+    load_projector(model, os.path.join(lora_dir, "non_lora_trainables.bin"))
+    return model.eval()
+
+
+def load_adapter(llm: Llama, lora_dir: str, base_dir: str, settings: dict):
+    """Put the adapter's A and B on the LLM's projections and merge them. An adapter that does not fit (another model
+    size, or tensors of modules we do not have) is refused with what to pass instead."""
+    name = next((n for n in ADAPTER_FILES if os.path.isfile(os.path.join(lora_dir, n))), None)
+    if name is None:
+        raise CheckpointError(f"{lora_dir}: no {' or '.join(ADAPTER_FILES)} beside its adapter_config.json")
+    source = CheckpointFiles(os.path.join(lora_dir, name))
+    add_lora(llm, settings["r"], settings["alpha"], targets=settings["targets"])
+    ours = {PEFT_PREFIX + "model." + n: p for n, p in llm.named_parameters() if ".lora_" in n}
+    foreign = [k for k in source.keys() if k not in ours and not ADAPTER_KEY.fullmatch(k)]
+    if foreign:
+        raise CheckpointError(f"{source.directory}/{name}: tensors of modules this LLaVA does not have ({foreign[0]}"
+                              + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "") + "): " + MERGE_INSTEAD)
+    extra = [k for k in source.keys() if k not in ours]  # of layers the base does not have
+    misfit = [f"{extra[0]}: the base has {len(llm.layers)} decoder layers"] if extra else []
+    misfit += [f"no {k}" for k in ours if k not in source.keys()]
+    misfit += [f"{k}: adapter {list(source.shape(k))}, base {list(p.shape)}" for k, p in ours.items()
+               if k in source.keys() and source.shape(k) != tuple(p.shape)]
+    if misfit:
+        trained_from = f" (its adapter_config.json names {settings['base']})" if settings["base"] else ""
+        raise CheckpointError(f"--model-base {base_dir} does not fit the adapter in {lora_dir} ({misfit[0]}): pass "
+                              f"the model it was trained from{trained_from}")
+    with torch.no_grad():
+        for key, p in ours.items():
+            p.copy_(source.get(key))
+    merge_lora(llm)
+
+
+def save_lora_adapter(model: Llava, directory: str, base: str, vision_tower: Optional[str], settings: dict):
+    """A LoRA run's adapter in the official layout, as llava/train/train.py writes it: adapter_model.safetensors (the
+    A and B matrices under PEFT's names), adapter_config.json, non_lora_trainables.bin (the projector) and config.json
+    (the LLaVA config in the original layout). settings: r, lora_alpha, lora_dropout of the run. Tensors are written
+    in the frozen LLM's dtype, as the official run writes bf16."""
+    os.makedirs(directory, exist_ok=True)
+    from safetensors.torch import save_file
+    dtype = model.language_model.embed_tokens.weight.dtype
+    adapter = {PEFT_PREFIX + "model." + n: p.detach().to(dtype).cpu().contiguous()
+               for n, p in model.language_model.state_dict().items() if ".lora_" in n}
+    save_file(adapter, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    projector = {PEFT_PREFIX + _original_key("multi_modal_projector." + n, model.config.projector_type)[1]:
+                 p.detach().to(dtype).cpu() for n, p in model.multi_modal_projector.state_dict().items()}
+    torch.save(projector, os.path.join(directory, "non_lora_trainables.bin"))
+    peft = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, **settings,
+                target_modules=[t.split(".")[1] for t in TARGETS], bias="none", fan_in_fan_out=False,
+                inference_mode=True, init_lora_weights=True, modules_to_save=None, layers_to_transform=None,
+                layers_pattern=None, rank_pattern={}, alpha_pattern={}, revision=None)
+    config = model.config
+    original = dict(config.text.to_hf(), architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama",
+                    mm_hidden_size=config.vision.hidden_size, mm_projector_type=config.projector_type,
+                    mm_vision_select_layer=config.vision_feature_layer,
+                    mm_vision_select_feature="patch" if config.vision_feature_select_strategy == "default"
+                    else "cls_patch", image_aspect_ratio=config.image_aspect_ratio, mm_use_im_start_end=False,
+                    mm_use_im_patch_token=False, use_mm_proj=True, mm_patch_merge_type="flat",
+                    torch_dtype=str(dtype).removeprefix("torch."))
+    if vision_tower:  # the CLIP a Vicuna base is paired with (a local directory, or a hub id); a LLaVA brings its own
+        original["mm_vision_tower"] = os.path.abspath(vision_tower) if os.path.isdir(vision_tower) else vision_tower
+    for filename, content in (("adapter_config.json", peft), ("config.json", original)):
+        with open(os.path.join(directory, filename), "w") as f:
+            json.dump(content, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
 # the inference entry of chat.py and eval.py: which model, in which template, loaded with its tokenizer
 
 
@@ -470,17 +618,36 @@ def choose_template(model_dir: str, runner: str = "cli") -> str:
 
 
 def load_for_inference(model_dir: str, vision_tower=None, dtype=None, device=None, runner: str = "cli",
-                       quantize: Optional[str] = None):
-    """(model, tokenizer, template) of a model directory in any layout, quantized as load_llava's `quantize` says.
-    What is quick to find missing (a config, a tokenizer) is looked for first, before the weights' minutes."""
-    if not os.path.isdir(model_dir):
-        raise CheckpointError(f"{model_dir}: no such model directory")
+                       quantize: Optional[str] = None, model_base: Optional[str] = None):
+    """(model, tokenizer, template) of a model directory in any layout, quantized as load_llava's `quantize` says, or
+    of a LoRA directory in the official layout merged into model_base (whose tokenizer it takes, as the official
+    loader). What is quick to find missing (a config, a tokenizer, the base a LoRA needs) is looked for first, before
+    the weights' minutes."""
+    for option, path in (("--model", model_dir), ("--model-base", model_base)):
+        if path is not None and not os.path.isdir(path):
+            raise CheckpointError(f"{option} {path}: no such model directory")
     try:
+        lora = is_lora_dir(model_dir)
+        if lora and not model_base:
+            named = read_adapter_config(model_dir)["base"]
+            raise CheckpointError(f"{model_dir}: a LoRA adapter, not a whole model; pass the model it was trained from "
+                                  "as --model-base (the Vicuna for the official LoRA models and finetune_lora.sh, "
+                                  "the finished LLaVA for finetune_task_lora.sh" + (f"; its adapter_config.json "
+                                                                                   f"names {named}" if named else "")
+                                  + ")")
+        if model_base and not lora:
+            raise CheckpointError(f"--model-base {model_base} goes with a LoRA directory, and {model_dir} has no "
+                                  "adapter_config.json: a whole model loads with --model alone")
+        if model_base and is_lora_dir(model_base):
+            raise CheckpointError(f"--model-base {model_base}: a LoRA adapter itself; pass the model it was trained "
+                                  "from")
         read_config(model_dir)
-        tokenizer = load_tokenizer(model_dir)
-        return (load_llava(model_dir, vision_tower, dtype, device, quantize), tokenizer,
-                choose_template(model_dir, runner))
+        tokenizer = load_tokenizer(model_base or model_dir)
+        model = (load_lora(model_dir, model_base, vision_tower, dtype, device) if lora
+                 else load_llava(model_dir, vision_tower, dtype, device, quantize))
+        return model, tokenizer, choose_template(model_dir, runner)
     except (CheckpointError, OSError, ValueError, KeyError, AssertionError, SafetensorError) as e:
         # damaged files and JSON, a missing tokenizer, a config the loaders do not support (they assert it)
         message = str(e) or type(e).__name__
-        raise CheckpointError(message if model_dir in message else f"{model_dir}: {message}") from None
+        raise CheckpointError(message if model_dir in message or "--model" in message else f"{model_dir}: {message}") \
+            from None

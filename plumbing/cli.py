@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from plumbing.checkpoints import CheckpointError, read_config
+from plumbing.checkpoints import CheckpointError, is_lora_dir, read_config, read_llava_config
 from plumbing.files import DataError
 from quantize import has_int4_kernel
 
@@ -117,8 +117,9 @@ def option(default, help: str):
     return dataclasses.field(default=default, metadata=dict(help=help))
 
 
-def default_help(f: dataclasses.Field, real: dict, toy: dict) -> str:
-    """' (default ...)' for --help: the official stage values and the toy's where they differ from the field's."""
+def default_help(f: dataclasses.Field, real: dict, toy: dict, lora: dict) -> str:
+    """' (default ...)' for --help: the official stage values and the toy's where they differ from the field's, and
+    the official LoRA scripts' where LoRA changes it."""
     def per_stage(defaults):
         values = [defaults[stage].get(f.name, f.default) for stage in (1, 2)]
         return repr(values[0]) if values[0] == values[1] else f"{values[0]!r} in stage 1, {values[1]!r} in stage 2"
@@ -126,7 +127,8 @@ def default_help(f: dataclasses.Field, real: dict, toy: dict) -> str:
         return ""  # the help says what empty means
     real_text = per_stage(real)
     toy_text = per_stage({stage: {**real[stage], **toy[stage]} for stage in (1, 2)})
-    return f" (default {real_text}" + (f"; the toy: {toy_text})" if toy_text != real_text else ")")
+    return (f" (default {real_text}" + (f"; the toy: {toy_text}" if toy_text != real_text else "")
+            + (f"; with --lora-r: {lora[f.name]!r})" if f.name in lora else ")"))
 
 
 # the official scripts' options (llava/train/train.py's dataclasses, HF TrainingArguments) and what stands for each here
@@ -157,7 +159,7 @@ def check_numbers(cfg, parser):
     if training:
         ranges.update(global_batch=(1, None), micro_batch=(1, None), max_len=(1, None), save_every=(1, None),
                       num_workers=(0, None), max_steps=(0, None), lr=(0, None), weight_decay=(0, None),
-                      warmup_ratio=(0, 1))
+                      warmup_ratio=(0, 1), lora_r=(0, None), lora_dropout=(0, 1), projector_lr=(0, None))
     for name, (low, high) in ranges.items():
         value = getattr(cfg, name)
         if value < low or (high is not None and value > high):
@@ -165,7 +167,7 @@ def check_numbers(cfg, parser):
                          (f"between {low} and {high}" if high is not None else f"at least {low}"))
     if not training:
         return
-    for name in ("epochs", "grad_clip"):
+    for name in ("epochs", "grad_clip", "lora_alpha"):
         if not getattr(cfg, name) > 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be above 0")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's ranks; train() relies on this check
@@ -190,14 +192,17 @@ def check_train_config(cfg, given: dict, parser, templates, aspect_ratios, proje
     """The checks of train.py's resolved config that need no loading: each a usage error naming its option. Sets
     cfg.projector to what --projector names, and cfg.projector_type to the type saved with it."""
     if cfg.stage in (1, 2):
-        missing = [name for name in ("llm", "vision_tower", "data") if not getattr(cfg, name)]
+        needed = ("data",) if cfg.model else ("llm", "vision_tower", "data")  # --model: a whole LLaVA
+        missing = [name for name in needed if not getattr(cfg, name)]
         if missing:
             parser.error("the real recipe needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
-        for name in ("llm", "vision_tower", "projector", "data", "image_folder"):
+        for name in ("model", "llm", "vision_tower", "projector", "data", "image_folder"):
             # before minutes of loading, not after; --data and --image-folder may list several, comma-separated
             for path in given.get(name, "").split(",") if name in ("data", "image_folder") else [given.get(name)]:
                 if path and not os.path.exists(path):
                     parser.error(f"--{name.replace('_', '-')} {path}: no such file or directory")
+        if cfg.model or cfg.lora_r:
+            check_finetuning(cfg, given, parser)
         for path in cfg.data.split(","):
             if os.path.isdir(path):
                 parser.error(f"--data {path}: a directory; give the LLaVA JSON or JSONL file")
@@ -221,6 +226,24 @@ def check_train_config(cfg, given: dict, parser, templates, aspect_ratios, proje
         parser.error(f"--dtype {cfg.dtype!r}: choose from auto, {', '.join(TRAIN_DTYPES)}{why}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         parser.error(f"--device {cfg.device!r}: choose from auto, cpu, cuda (torchrun gives each rank its GPU)")
+
+
+def check_finetuning(cfg, given: dict, parser):
+    """--model (task fine-tuning from a finished LLaVA) and --lora-r. Sets cfg.projector_type to the model's."""
+    if cfg.lora_r and cfg.stage != 2:
+        parser.error(f"--lora-r {cfg.lora_r}: LoRA changes the LLM, which trains in stage 2 (--stage 2)")
+    if not cfg.model:
+        return
+    if cfg.stage != 2 or given.get("llm") or given.get("projector"):
+        parser.error(f"--model {cfg.model}: a finished LLaVA to fine-tune is where --stage 2 starts, in place of "
+                     "--llm and --projector")
+    if is_lora_dir(cfg.model):
+        parser.error(f"--model {cfg.model}: a LoRA adapter; fine-tune its merged model (a LoRA run of train.py "
+                     "writes it as <out-dir>/model)")
+    try:
+        cfg.projector_type = read_llava_config(cfg.model, cfg.vision_tower or None).projector_type
+    except CheckpointError as e:
+        parser.error(f"--model: {e}")
 
 
 def check_gpus(cuda: bool, local_rank: int):

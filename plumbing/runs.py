@@ -4,6 +4,7 @@ the finished model and runs/LATEST. The plumbing that train.py's loop calls.
     <out_dir>/checkpoint-<step>/   trainable.safetensors, optimizer.pt, rng.pt, state.json (step, skipped, config)
     <out_dir>/log.jsonl            one record per optimizer step
     <out_dir>/model/               the finished model, llava-hf layout (+ its tokenizer, processor, train_config.json)
+    <out_dir>/llava-lora/          a LoRA run's adapter in the official layout (the model above has it merged)
     <runs_dir>/LATEST              the newest finished model, which chat.py and eval.py use by default
 
 A checkpoint holds only what trains and is written under a temporary name, then renamed: an interrupted write never
@@ -23,7 +24,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import Llava
-from plumbing.checkpoints import CheckpointError, save_image_processor, save_llava, save_llava_tokenizer
+from lora import add_lora, merge_lora
+from plumbing.checkpoints import (CheckpointError, read_config, save_image_processor, save_llava, save_llava_tokenizer,
+                                  save_lora_adapter)
 
 
 def log(rank, *args):
@@ -159,8 +162,9 @@ def open_log(path: str, start_step: int):
 
 # what decides the data order and the arithmetic: a resumed run that changed one would be neither run
 SAME_ON_RESUME = ("stage", "projector_type", "template", "image_aspect_ratio", "max_len", "group_by_modality", "lr",
-                  "global_batch", "epochs", "warmup_ratio", "weight_decay", "grad_clip", "seed")
-PATHS_ON_RESUME = ("llm", "vision_tower", "projector", "data", "image_folder")  # only warned about
+                  "global_batch", "epochs", "warmup_ratio", "weight_decay", "grad_clip", "seed", "lora_r", "lora_alpha",
+                  "lora_dropout", "projector_lr")
+PATHS_ON_RESUME = ("model", "llm", "vision_tower", "projector", "data", "image_folder")  # only warned about
 
 
 def check_same_run(cfg, path: str, rank: int):
@@ -210,14 +214,16 @@ def load_checkpoint(path, model, trainable: dict, optimizer, fsdp: bool):
 
 
 
-def gather_model(model):
-    """A plain copy of an FSDP-sharded model on rank 0 (None elsewhere), for save_llava. Every rank must call it."""
+def gather_model(model, cfg):
+    """A plain copy of an FSDP-sharded model on rank 0 (None elsewhere), for publish. Every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
     with torch.device("meta"):
         plain = Llava(model.config)
+        if cfg.lora_r:
+            add_lora(plain.language_model, cfg.lora_r, cfg.lora_alpha)
     plain.load_state_dict(state, assign=True)
     return plain
 
@@ -306,7 +312,9 @@ class RunLog:
 def publish(cfg, model, step: int, start_step: int, total_steps: int, skipped: int, rank: int):
     """The end of a run, on rank 0: <out_dir>/model in the llava-hf layout, with what transformers' AutoProcessor
     reads (the tokenizer with <image>, the image processor) and the run's config, and LATEST pointed at it, unless
-    --max-steps cut the run short (a smoke test) or a finished run was resumed with nothing left to train."""
+    --max-steps cut the run short (a smoke test) or a finished run was resumed with nothing left to train. A LoRA run
+    also writes its adapter in the official layout, <out_dir>/llava-lora (the official loader wants "llava" and "lora"
+    in the name), and merges it into the model it saves."""
     final, latest = os.path.join(cfg.out_dir, "model"), os.path.join(cfg.runs_dir, "LATEST")
     if rank != 0:
         return
@@ -314,15 +322,23 @@ def publish(cfg, model, step: int, start_step: int, total_steps: int, skipped: i
         log(rank, f"stage {cfg.stage}: nothing left to train in {cfg.out_dir} (step {step} of {total_steps}); its "
                   f"model is {final}, {latest} unchanged")
         return
+    written = [final]
+    if cfg.lora_r:
+        written.append(os.path.join(cfg.out_dir, "llava-lora"))
+        tower = cfg.vision_tower or (read_config(cfg.model).get("mm_vision_tower") if cfg.model else None)
+        save_lora_adapter(model, written[1], cfg.model or cfg.llm, tower, dict(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout))
+        merge_lora(model.language_model)
     save_llava(model, final)
     save_image_processor(model.config, final)
-    save_llava_tokenizer(cfg.llm, final, model.config.image_token_index)
-    with open(os.path.join(final, "train_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    save_llava_tokenizer(cfg.model or cfg.llm, final, model.config.image_token_index)
+    for directory in written:  # the template chat.py and eval.py prompt in, among others
+        with open(os.path.join(directory, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
     if step == total_steps:
         point_latest(cfg.runs_dir, final)
         where = f"chat.py and eval.py now use it ({latest})"
     else:
         where = f"{latest} unchanged, as --max-steps stopped the run at step {step} of {total_steps}"
     log(rank, f"stage {cfg.stage} done: {step} steps, {skipped} sample{'s' * (skipped != 1)} skipped; model saved to "
-              f"{final}; {where}")
+              f"{final}" + (f" (merged), its LoRA adapter to {written[1]}" if cfg.lora_r else "") + f"; {where}")

@@ -112,7 +112,7 @@ def test_split_list_is_the_official_split():
 def test_generate_writes_official_answers_and_batches_change_nothing(runs, reference, tmp_path, capsys):
     answers_file = tmp_path / "answers.jsonl"
     generate(runs, answers_file, "--batch-size", "5")  # 13 questions: batches of 5, 5, 3; one text-only
-    assert f"13 answered, 0 failed, 0 already answered" in capsys.readouterr().out
+    assert "13 answered, 0 failed, 0 already answered" in capsys.readouterr().out
     answers = lines(answers_file)
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in runs["questions"]]
     for answer, question in zip(answers, runs["questions"]):

@@ -289,7 +289,8 @@ def test_bf16_mixed_precision_follows_fp32(runs, stage1_model, tmp_path, device)
     assert any(k.startswith("language_model.layers.") for k in masters)
     assert {t.dtype for t in masters.values()} == {torch.float32}
     optimizer = torch.load(tmp_path / "bf16" / "checkpoint-4" / "optimizer.pt", weights_only=True)
-    assert [group["fused"] for group in optimizer["param_groups"]] == [True, True]  # decayed and not decayed
+    # the LLM's and the projector's, each decayed and not (LLaVATrainer.create_optimizer's groups)
+    assert [group["fused"] for group in optimizer["param_groups"]] == [True] * 4
     tower = load_file(str(next((tmp_path / "bf16" / "model").glob("*.safetensors"))))
     tower = {k: t for k, t in tower.items() if "vision_tower" in k}
     assert tower and {t.dtype for t in tower.values()} == {torch.bfloat16}
@@ -534,7 +535,8 @@ def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
     # every option given on the command line wins over the stage's and the toy's defaults
     other = dict(stage=2, template="llava_llama_2", image_aspect_ratio="square", projector_type="linear",
                  device="cpu", dtype="bf16", llm="V2", vision_tower="C2", projector="P2", data="d2.json",
-                 image_folder="I2", global_batch=60, micro_batch=6, warmup_ratio=0.5)
+                 image_folder="I2", global_batch=60, micro_batch=6, warmup_ratio=0.5,
+                 model="", lora_dropout=0.1)  # --model goes in place of --llm (its own test)
     for toy in (True, False):
         argv = ["--stage", "2"] + ([] if toy else ["--llm", "V", "--vision-tower", "C", "--data", "mix.json"])
         defaults = resolve_config(argv)
@@ -632,7 +634,11 @@ def test_help_says_what_each_option_does_and_its_stage_defaults(capsys, monkeypa
     for f in dataclasses.fields(TrainConfig):
         metavar = "[BOOL]" if f.type is bool else f.type.__name__.upper()  # a true/false option alone means true
         assert f"--{f.name.replace('_', '-')} {metavar} {f.metadata['help']}" in text
-    assert "--lr FLOAT peak learning rate (default 0.001 in stage 1, 2e-05 in stage 2; the toy: 0.002)" in text
+    assert ("--lr FLOAT peak learning rate (default 0.001 in stage 1, 2e-05 in stage 2; the toy: 0.002; with "
+            "--lora-r: 0.0002)") in text
+    assert "--projector-lr FLOAT the projector's peak learning rate (official mm_projector_lr); 0: --lr (default " \
+        "0.0; with --lora-r: 2e-05)" in text
+    assert "stage 2's defaults are finetune_task.sh's (and _lora.sh's)" in text
     assert "(default 'plain' in stage 1, 'vicuna_v1' in stage 2)" in text
 
 
@@ -830,3 +836,207 @@ def test_hard_negatives_change_what_a_caption_binds():
     alone = {swap_positions("a red circle on the left on a white background", rng) for _ in range(30)}
     assert alone == {"a red circle on the right on a white background", "a red circle at the top on a white background",
                      "a red circle at the bottom on a white background"}
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning a finished LLaVA on other data, in full or with LoRA (lora.py)
+
+
+def finetune(runs, model, *args):
+    """train.py's task fine-tuning of a finished LLaVA on the toy world's stage-2 data (as a user's own data)."""
+    world = runs / "toy" / "world"
+    return ["--stage", 2, "--model", model, "--data", world / "stage2.json", "--image-folder", world / "images",
+            "--max-len", 512, "--num-workers", 0, "--global-batch", 8, "--save-every", 100, *args]
+
+
+def lora_names(layers):
+    from lora import TARGETS
+    return {f"language_model.layers.{i}.{t}.lora_{m}.weight" for i in range(layers) for t in TARGETS for m in "AB"}
+
+
+def test_task_lora_trains_adapter_and_projector_and_writes_the_merged_model_and_the_official_adapter(
+        runs, stage1_model, tmp_path):
+    """From a finished LLaVA (a stage-1 output stands in for one): only A, B and the projector train, each at its
+    own learning rate; the run writes the model merged (W + (alpha / r) · B A, loadable by transformers) and the
+    adapter in the official layout, which merges into its base to the same weights, and chat.py answers alike from
+    either. Full task fine-tuning trains the LLM and the projector, the tower frozen."""
+    import transformers
+    from plumbing.checkpoints import load_for_inference
+    from train import get_lr
+    out = tmp_path / "task-lora"
+    run = train(runs, *finetune(runs, stage1_model, "--micro-batch", 4, "--epochs", 0.25, "--lora-r", 4,
+                                "--lora-alpha", 8, "--lr", 1e-2, "--projector-lr", 1e-3), "--out-dir", out)
+    assert "memory a step needs on each GPU, computed" in run.stdout
+    assert re.search(r"LoRA r4 .*<- this run", run.stdout) and "(merged), its LoRA adapter to" in run.stdout
+    base = load_llava(str(stage1_model))
+    layers = base.config.text.num_hidden_layers
+    saved = trainable(out, 3)
+    projector = {n for n in base.state_dict() if n.startswith("multi_modal_projector.")}
+    assert set(saved) == lora_names(layers) | projector
+    optimizer = torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert [g["peak_lr"] for g in optimizer["param_groups"]] == [1e-2, 1e-3, 1e-3]  # A and B; the projector's two
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["lr"] for r in log] == [get_lr(step, 3, 1e-2, 0.03) for step in range(3)]
+
+    merged = load_llava(str(out / "model"))
+    for name, tensor in base.state_dict().items():
+        module = name.removesuffix(".weight")
+        if f"{module}.lora_A.weight" in saved:  # W + (alpha / r) · B A
+            delta = saved[f"{module}.lora_B.weight"] @ saved[f"{module}.lora_A.weight"] * 8 / 4
+            assert torch.allclose(merged.state_dict()[name], tensor + delta, rtol=0, atol=1e-6), name
+            assert delta.abs().max() > 1e-3, name  # trained
+        elif name in projector:
+            assert torch.equal(merged.state_dict()[name], saved[name]), name
+        else:  # embeddings, norms, lm_head, the tower: frozen
+            assert torch.equal(merged.state_dict()[name], tensor), name
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(out / "model")).eval()
+    N, image = merged.config.num_image_tokens, merged.config.image_token_index
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([[1, 5] + [image] * N + [6]]), pixel_values=pixels).logits
+        assert (merged(torch.tensor([[1, 5, -200, 6]]), pixels) - expected).abs().max() < 1e-4
+
+    adapter_dir = out / "llava-lora"  # the official layout, PEFT's names
+    adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    assert adapter.keys() == {"base_model.model.model." + n.removeprefix("language_model.") for n in saved
+                              if ".lora_" in n}
+    assert all(torch.equal(t, saved["language_model." + k.removeprefix("base_model.model.model.")])
+               for k, t in adapter.items())
+    assert set(torch.load(adapter_dir / "non_lora_trainables.bin", weights_only=True)) == {
+        f"base_model.model.model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    peft = json.load(open(adapter_dir / "adapter_config.json"))
+    assert (peft["peft_type"], peft["r"], peft["lora_alpha"], peft["lora_dropout"], peft["base_model_name_or_path"]) \
+        == ("LORA", 4, 8.0, 0.05, str(stage1_model))
+    assert sorted(peft["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"])
+    assert json.load(open(adapter_dir / "config.json"))["mm_projector_type"] == "mlp2x_gelu"
+    again, _, template = load_for_inference(str(adapter_dir), model_base=str(stage1_model))
+    assert template == "vicuna_v1"  # the run's, from its train_config.json
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in merged.state_dict().items())
+    image_file = runs / "toy" / "world" / "images" / "train_00000.png"
+    answers = [subprocess.run([sys.executable, os.path.join(REPO, "chat.py"), str(image_file), *model, "-p",
+                               "What colour is the circle?", "--temperature", "0", "--max-new-tokens", "6"],
+                              env=env(), capture_output=True, text=True)
+               for model in (["--model", str(out / "model")],
+                             ["--model", str(adapter_dir), "--model-base", str(stage1_model)])]
+    assert answers[0].returncode == 0 and answers[0].stdout.strip() and answers[0].stdout == answers[1].stdout
+
+    full = tmp_path / "task"
+    train(runs, *finetune(runs, stage1_model, "--micro-batch", 4, "--max-steps", 1), "--out-dir", full)
+    saved = trainable(full, 1)
+    assert set(saved) == {n for n in base.state_dict() if not n.startswith("vision_tower.")}
+    assert not os.path.exists(full / "llava-lora")
+
+
+@needs_cpu_fsdp
+def test_lora_with_gradient_checkpointing_trains_alike_in_one_process_and_under_ddp_and_fsdp(
+        runs, stage1_model, tmp_path):
+    """LoRA (no dropout: each engine splits the batch otherwise, and so would draw other masks) trains to the same
+    adapter and projector with and without gradient checkpointing (the frozen embeddings give the checkpointed
+    layers inputs that need no gradient), in one process, 2 DDP ranks and 2 FSDP ranks; FSDP's gathered model is
+    merged and its adapter written as one process writes them."""
+    from plumbing.checkpoints import load_for_inference
+    common = finetune(runs, stage1_model, "--max-steps", 3, "--lora-r", 4, "--lora-dropout", 0, "--lr", 2e-3,
+                      "--projector-lr", 2e-4)
+    train(runs, *common, "--micro-batch", 4, "--gradient-checkpointing", "false", "--out-dir", tmp_path / "plain")
+    train(runs, *common, "--micro-batch", 4, "--out-dir", tmp_path / "checkpointed")
+    torchrun(runs, *common, "--micro-batch", 2, "--out-dir", tmp_path / "ddp")
+    torchrun(runs, *common, "--micro-batch", 2, "--fsdp", "true", "--out-dir", tmp_path / "fsdp")
+    plain = trainable(tmp_path / "plain", 3)
+    assert any(".lora_B." in n for n in plain) and all("lora_" in n or "projector" in n for n in plain)
+    for run in ("checkpointed", "ddp", "fsdp"):
+        other = trainable(tmp_path / run, 3)
+        assert plain.keys() == other.keys()
+        for name in plain:
+            assert torch.allclose(plain[name], other[name], rtol=0, atol=1e-5), (run, name)
+        assert_same_log(tmp_path / "plain", tmp_path / run, 3)
+    fsdp = load_llava(str(tmp_path / "fsdp" / "model"))
+    from_adapter, _, _ = load_for_inference(str(tmp_path / "fsdp" / "llava-lora"), model_base=str(stage1_model))
+    assert all(torch.equal(from_adapter.state_dict()[k], v) for k, v in fsdp.state_dict().items())
+    single = load_llava(str(tmp_path / "plain" / "model"))
+    assert all(torch.allclose(single.state_dict()[k], v, rtol=0, atol=1e-5) for k, v in fsdp.state_dict().items())
+
+
+def test_lora_resume_after_kill_equals_uninterrupted(runs, stage1_model, tmp_path):
+    """As full fine-tuning's: bitwise, also with LoRA's dropout on (its masks are a function of the step)."""
+    common = finetune(runs, stage1_model, "--micro-batch", 4, "--max-steps", 8, "--save-every", 2, "--lora-r", 4)
+    train(runs, *common, "--out-dir", tmp_path / "straight")
+    proc = train(runs, *common, "--out-dir", tmp_path / "killed", background=True)
+    deadline = time.time() + 120
+    while not os.path.isdir(tmp_path / "killed" / "checkpoint-4") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(n for n in os.listdir(tmp_path / "killed") if n.startswith("checkpoint-"))
+    assert saved and saved[-1] != "checkpoint-8", saved
+    out = train(runs, *common, "--out-dir", tmp_path / "killed", "--resume", "true")
+    assert f"{saved[-1]} at step {saved[-1].split('-')[1]}" in out.stdout + out.stderr
+    straight, resumed = trainable(tmp_path / "straight", 8), trainable(tmp_path / "killed", 8)
+    assert straight.keys() == resumed.keys() and any(".lora_A." in k for k in straight)
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name  # bitwise
+    assert_same_log(tmp_path / "straight", tmp_path / "killed", 8)
+    assert json.load(open(tmp_path / "killed" / "model" / "train_config.json"))["lora_dropout"] == 0.05
+
+
+def test_task_fine_tuning_and_lora_take_the_official_scripts_settings(tmp_path, monkeypatch, capsys):
+    """--model: finetune_task.sh's settings (stage 2's); with --lora-r, finetune_task_lora.sh's (lr 2e-4, projector
+    2e-5, alpha 256, dropout 0.05), as from a Vicuna finetune_lora.sh's; what does not go together is a usage error."""
+    from train import resolve_config
+    monkeypatch.chdir(tmp_path)
+    real_recipe_paths(tmp_path, "V", "C", "P", "mix.json", "my.json", "adapter")
+    (tmp_path / "M").mkdir()
+    (tmp_path / "M" / "config.json").write_text(json.dumps(LlavaConfig.from_name("tiny").to_hf()))
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    task = ["--stage", "2", "--model", "M", "--data", "my.json"]
+    cfg = resolve_config(task)
+    assert (cfg.lr, cfg.global_batch, cfg.micro_batch, cfg.template, cfg.image_aspect_ratio, cfg.epochs) == \
+        (2e-5, 128, 16, "vicuna_v1", "pad", 1.0)
+    assert cfg.group_by_modality and cfg.gradient_checkpointing and cfg.lora_r == 0 and cfg.projector_lr == 0
+    assert cfg.out_dir.endswith(os.path.join("runs", "task")) and cfg.llm == "" and cfg.projector == ""
+    cfg = resolve_config([*task, "--lora-r", "128"])
+    assert (cfg.lr, cfg.projector_lr, cfg.lora_alpha, cfg.lora_dropout, cfg.global_batch) == (2e-4, 2e-5, 256, 0.05, 128)
+    assert cfg.out_dir.endswith(os.path.join("runs", "task-lora"))
+    cfg = resolve_config(["--stage", "2", "--llm", "V", "--vision-tower", "C", "--projector", "P", "--data", "mix.json",
+                          "--lora-r", "128", "--lr", "1e-4"])
+    assert (cfg.lr, cfg.projector_lr) == (1e-4, 2e-5) and cfg.out_dir.endswith(os.path.join("runs", "stage2-lora"))
+    for argv, says in (
+            (["--stage", "1", "--model", "M", "--data", "my.json"], "--model M: a finished LLaVA to fine-tune is "
+                                                                    "where --stage 2 starts, in place of --llm"),
+            ([*task, "--llm", "V"], "in place of --llm and --projector"),
+            ([*task, "--projector", "P"], "in place of --llm and --projector"),
+            (["--stage", "1", "--llm", "V", "--vision-tower", "C", "--data", "mix.json", "--lora-r", "8"],
+             "--lora-r 8: LoRA changes the LLM, which trains in stage 2"),
+            (["--stage", "2", "--model", "adapter", "--data", "my.json"], "--model adapter: a LoRA adapter; fine-tune "
+                                                                          "its merged model"),
+            (["--stage", "2", "--model", "V", "--data", "my.json"], "--model: V: config.json is neither a LLaVA"),
+            (["--stage", "2", "--model", "nowhere", "--data", "my.json"], "--model nowhere: no such file"),
+            ([*task, "--lora-r", "8", "--lora-alpha", "0"], "--lora-alpha 0.0: must be above 0"),
+            ([*task, "--lora-r", "8", "--lora-dropout", "2"], "--lora-dropout 2.0: must be between 0 and 1"),
+            ([*task, "--lora-r", "-1"], "--lora-r -1: must be at least 0")):
+        with pytest.raises(SystemExit) as stop:
+            resolve_config(argv)
+        assert stop.value.code == 2 and says in capsys.readouterr().err, argv
+
+
+def test_the_readmes_worked_example_runs_on_a_tiny_toy(runs, stage1_model, tmp_path):
+    """README, "Fine-tune on your own data": make_toy_task's files, eval.py on its held-out questions before and
+    after a task LoRA run (a table with its two categories), the same scores from the adapter merged into its base."""
+    from toy import make_toy_task
+    task = make_toy_task(tmp_path / "task", n_train=16, n_eval_scenes=4, n_world_images=64)
+    mine = tmp_path / "runs"  # the default --out-dir under it: task-lora
+    train(mine, "--stage", 2, "--model", stage1_model, "--data", task["train"], "--image-folder", task["images"],
+          "--lora-r", 4, "--lora-alpha", 8, "--lr", 2e-3, "--projector-lr", 2e-4, "--global-batch", 8,
+          "--micro-batch", 8, "--epochs", 1, "--num-workers", 0, "--gradient-checkpointing", "false")
+    assert open(mine / "LATEST").read().strip() == str(mine / "task-lora" / "model")
+    tables = []
+    for model in (["--model", stage1_model], ["--model", mine / "task-lora" / "model"],
+                  ["--model", mine / "task-lora" / "llava-lora", "--model-base", stage1_model]):
+        out = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *map(str, model), "--toy-questions",
+                              str(task["eval"])], env=env(), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        table = out.stdout[out.stdout.index("category"):]
+        assert "object at a place" in table and "empty place" in table and re.search(r"overall +\d+ +16 ", table)
+        tables.append(table)
+    assert tables[1] == tables[2]  # the merged model and the adapter on its base answer alike
+    assert os.path.exists(mine / "task-lora" / "toy_eval_answers_task.jsonl")
