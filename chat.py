@@ -65,6 +65,7 @@ class ChatSession:
         self.compile = compile  # the decode step through torch.compile (see Llava.generate)
         self.device = model.language_model.embed_tokens.weight.device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        self.cache = None  # this conversation's KV cache, one per layer, made by its first answer
         self.reset(images)
 
     def reset(self, images=None):
@@ -83,8 +84,9 @@ class ChatSession:
         """LLM positions of ids: each image placeholder stands for num_image_tokens positions."""
         return len(ids) + (self.model.config.num_image_tokens - 1) * ids.count(IMAGE_TOKEN_INDEX)
 
-    def ask(self, question: str, stream=None) -> str:
-        """Answer the next question; stream(text) gets each new piece of the answer as it is generated."""
+    def ask(self, question: str, stream=None, should_stop=None) -> str:
+        """Answer the next question; stream(text) gets each new piece of the answer as it is generated; once
+        should_stop() is true (a stop button, a closed page), the answer ends at the token just generated."""
         question = question.replace(IMAGE_MARKER, "").strip()  # images come only from files, one marker each
         if not self.messages:
             question = (IMAGE_MARKER + "\n") * len(self.pixels) + question
@@ -105,21 +107,27 @@ class ChatSession:
         def on_token(token):  # token (1,)
             nonlocal shown
             sampled.append(int(token[0]))
-            if stream is None and stop is None:
+            if stream is None and stop is None and should_stop is None:
                 return
             text = self.tokenizer.decode(sampled)  # the whole answer so far: "▁" and byte pieces decode right
-            if stop is not None and stop in text:
+            if (stop is not None and stop in text) or (should_stop is not None and should_stop()):
                 return torch.ones(1, dtype=torch.bool, device=token.device)
             if stream is not None and not text.endswith("\ufffd"):  # not while a UTF-8 character is incomplete
                 stream(text[len(shown):])
                 shown = text
 
-        # the cache is made once per conversation, as long as the context (2 GiB for a 7B model in fp16)
+        # the cache is made once per conversation, as long as the context (2 GiB for a 7B model in fp16). Several
+        # conversations may share the model (chat.py --serve): each brings its own cache into the layers.
+        layers = self.model.language_model.layers
+        for layer, cache in zip(layers, self.cache or [None] * len(layers)):
+            layer.self_attn.kv_cache = cache
+        self.cached_ids = self.cached_ids[:reuse]  # all that stays valid should generation fail midway
         self.model.generate([ids[reuse:]], self.pixels[ids[:reuse].count(IMAGE_TOKEN_INDEX):],
                             max_new_tokens=min(self.max_new_tokens, limit - needed), temperature=self.temperature,
                             top_p=self.top_p, eos_token_id=self.model.config.text.eos_token_id, on_token=on_token,
                             generator=self.generator, cache_start=self.positions(ids[:reuse]), cache_size=limit,
                             keep_cache=True, compile=self.compile)
+        self.cache = [layer.self_attn.kv_cache for layer in layers]
         # the last sampled token (EOS, or the last of max_new_tokens) is never fed back, so it is not in the cache
         self.cached_ids = ids + sampled[:-1]
         # stopped by the context's end, not by EOS or --max-new-tokens: the CLI says so
