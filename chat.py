@@ -6,6 +6,7 @@
     python chat.py photo.jpg --model llava-v1.5-7b-lora --model-base vicuna-7b-v1.5 \\
         --vision-tower clip-vit-large-patch14-336               # an official LoRA, merged into its base
     python chat.py a.png b.png -p "What differs?" -p "Which is darker?" --temperature 0   # scripted
+    python chat.py --serve                  # the same chat in a browser, each tab a conversation (plumbing/serve.py)
 
 Interactive: each answer streams as it is generated. Commands: /image PATH [PATH ...] starts a new conversation
 about other images (as the official CLI, a conversation is about the images it started with); /reset starts over
@@ -21,6 +22,7 @@ after the longest prefix already in the cache are prefilled, normally the end of
 """
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -28,18 +30,17 @@ from functools import partial
 
 import torch
 
-try:
-    import readline  # noqa: F401  line editing and history for input(), where the platform has it
-except ImportError:
-    pass
+with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
+    import readline  # noqa: F401
 
 import tools
 from clip import preprocess_image
 from data import CONV_TEMPLATES, render, tokenize_prompt
 from model import IMAGE_MARKER, IMAGE_TOKEN_INDEX
 from plumbing.checkpoints import CheckpointError, latest_model, load_for_inference
-from plumbing.cli import DTYPES, check_quantize, check_sampling, resolve_device, resolve_dtype
+from plumbing.cli import DTYPES, check_quantize, check_sampling, positive_int, resolve_device, resolve_dtype
 from plumbing.files import DataError, open_local_image
+from plumbing.serve import serve
 from quantize import QUANTIZED
 from toy import TOY_TOOLS
 
@@ -85,8 +86,7 @@ class ChatSession:
         return len(ids) + (self.model.config.num_image_tokens - 1) * ids.count(IMAGE_TOKEN_INDEX)
 
     def ask(self, question: str, stream=None, should_stop=None) -> str:
-        """Answer the next question; stream(text) gets each new piece of the answer as it is generated; once
-        should_stop() is true (a stop button, a closed page), the answer ends at the token just generated."""
+        """Answer the next question; stream(text) gets each new piece as it is generated; should_stop() ends it."""
         question = question.replace(IMAGE_MARKER, "").strip()  # images come only from files, one marker each
         if not self.messages:
             question = (IMAGE_MARKER + "\n") * len(self.pixels) + question
@@ -116,8 +116,7 @@ class ChatSession:
                 stream(text[len(shown):])
                 shown = text
 
-        # the cache is made once per conversation, as long as the context (2 GiB for a 7B model in fp16). Several
-        # conversations may share the model (chat.py --serve): each brings its own cache into the layers.
+        # its own cache, made once, as long as the context (2 GiB for a 7B model in fp16): --serve keeps several
         layers = self.model.language_model.layers
         for layer, cache in zip(layers, self.cache or [None] * len(layers)):
             layer.self_attn.kv_cache = cache
@@ -145,12 +144,10 @@ class ChatSession:
 # the command line
 
 
-def ask_with_tools(session: ChatSession, question: str, skills: dict, server=None, show_thoughts=False,
-                   max_rounds=1) -> str:
-    """LLaVA-Plus (tools.py): the loop's final value. With show_thoughts its steps go to stderr; a tool's problem is
-    one line there, and an image with a tool's boxes drawn is saved (its path said)."""
+def ask_with_tools(session: ChatSession, question: str, use_tools, show_thoughts=False) -> str:
+    """LLaVA-Plus's final value (use_tools: tools.answer); stderr: the steps (show_thoughts), problems, boxes saved."""
     image = session.images[0] if session.images else None
-    steps = tools.answer(session.ask, image, question, skills, server, max_rounds)
+    steps = use_tools(session.ask, image, question)
     for step in steps:
         if show_thoughts:
             print(tools.show(step), file=sys.stderr)
@@ -163,8 +160,7 @@ def ask_with_tools(session: ChatSession, question: str, skills: dict, server=Non
 
 
 def interactive(session: ChatSession, with_tools=None):
-    """Read questions and commands until /quit or the end of input; stream each answer, or with tools show
-    with_tools(session, question), the final one."""
+    """Read questions and commands until /quit or the end of input; stream each answer (with tools: the final one)."""
     print(COMMANDS, file=sys.stderr)
     while True:
         try:
@@ -216,37 +212,34 @@ def interactive(session: ChatSession, with_tools=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s), in the order the first turn shows them")
-    p.add_argument("--model", metavar="DIR",
-                   help="ours, llava-hf or original LLaVA layout (default: the one in runs/LATEST)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image file(s), in the order the first turn shows them")
+    p.add_argument("--model", metavar="DIR", help="ours, llava-hf or original LLaVA layout (default: runs/LATEST's)")
     p.add_argument("--vision-tower", metavar="DIR", help="CLIP for an original-layout model (default: its config's)")
-    p.add_argument("--model-base", metavar="DIR", help="what a LoRA --model (official layout) was trained from, as "
-                   "the official --model-base: a Vicuna, or the finished LLaVA of a task LoRA; merged into it")
-    p.add_argument("-p", "--prompt", action="append", metavar="QUESTION",
-                   help="ask this and print only the answer; repeat for more turns (no interactive chat)")
+    p.add_argument("--model-base", metavar="DIR", help="what a LoRA --model was trained from, merged into it")
+    p.add_argument("-p", "--prompt", action="append", metavar="QUESTION", help="print only its answer; repeatable")
     p.add_argument("--conv-mode", choices=sorted(CONV_TEMPLATES), help="template (default: see above)")
     p.add_argument("--temperature", type=float, default=0.2, metavar="T", help="0 = greedy (default 0.2, as official)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="per answer (default 512)")
     p.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile; CUDA graphs on a GPU): faster answers after a "
-                        "first one that waits for the compiler")
-    p.add_argument("--tools", action="store_true", help="LLaVA-Plus: let the model call the toy world's tools "
-                   "(detect, measure); the answer shown is the final value")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile; a GPU: CUDA graphs)")
+    p.add_argument("--tools", action="store_true", help="LLaVA-Plus: the model may call the toy's detect and measure")
     p.add_argument("--tool-server", metavar="URL", help="LLaVA-Plus: the controller of the official tool workers")
     p.add_argument("--show-thoughts", action="store_true", help="with tools: show thoughts, actions and tool results")
-    p.add_argument("--max-tool-rounds", type=int, default=1, metavar="N",
-                   help="with tools: tool calls per question (default 1, as the official demo)")
+    p.add_argument("--max-tool-rounds", type=int, default=1, metavar="N", help="with tools: per question (default 1)")
+    p.add_argument("--serve", action="store_true", help="serve the chat page instead (no IMAGE: the page uploads)")
+    p.add_argument("--host", default="127.0.0.1", help="with --serve (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="with --serve (default 8000; 0: any free one)")
+    p.add_argument("--max-conversations", type=positive_int, default=4, metavar="N", help="with --serve (default 4)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                   help="auto: fp16 on cuda, as the official CLI and eval.py, fp32 on cpu (the names train.py "
-                        "and eval.py take)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: fp16 on cuda, fp32 on cpu")
     p.add_argument("--quantize", choices=QUANTIZED, help="the LLM's linear layers, as they load (quantize.py)")
     args = p.parse_args(argv)
     flag_values = [image for image in args.images if image.lower() in ("true", "false") and not os.path.exists(image)]
     if flag_values:  # train.py and bench.py take `--compile true`; here a value would be read as an image
         p.error(f"{flag_values[0]!r} is not an image: --compile takes no value here (give it alone)")
+    if args.serve == bool(args.images) or (args.serve and args.prompt):  # the page uploads images and asks
+        p.error("--serve takes no IMAGE nor -p" if args.serve else "give the IMAGE file(s) (or --serve: the chat page)")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     try:
@@ -271,18 +264,20 @@ def main(argv=None) -> int:
         return 2
     if args.conv_mode and args.conv_mode != template:  # as official: say so
         print(f"chat.py: the automatic template is {template}; using {args.conv_mode} (--conv-mode)", file=sys.stderr)
-    session = ChatSession(model, tokenizer, args.conv_mode or template, images, args.max_new_tokens,
-                          args.temperature, args.top_p, args.seed, args.compile)
-    with_tools = None  # LLaVA-Plus's loop
-    if args.tools or args.tool_server:
-        with_tools = partial(ask_with_tools, skills=TOY_TOOLS if args.tools else {}, show_thoughts=args.show_thoughts,
-                             server=args.tool_server and tools.ToolServer(args.tool_server),
-                             max_rounds=args.max_tool_rounds)
+    template = args.conv_mode or template
+    about = (f"{model_dir} ({template} template, {args.device}, {str(args.dtype).removeprefix('torch.')})"
+             + ("; --compile: the first answer waits for the compiler" if args.compile else ""))
+    new_session = partial(ChatSession, model, tokenizer, template, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, compile=args.compile)
+    use_tools = (args.tools or args.tool_server) and partial(  # LLaVA-Plus's loop, with its skills
+        tools.answer, skills=TOY_TOOLS if args.tools else {}, max_rounds=args.max_tool_rounds,
+        server=args.tool_server and tools.ToolServer(args.tool_server))
+    if args.serve:
+        return serve(new_session, use_tools, args.host, args.port, args.max_conversations, about)
+    session = new_session(images)
+    with_tools = use_tools and partial(ask_with_tools, use_tools=use_tools, show_thoughts=args.show_thoughts)
     if not args.prompt:
-        print(f"{model_dir} ({args.conv_mode or template} template, {args.device}, "
-              f"{str(args.dtype).removeprefix('torch.')})", file=sys.stderr)
-        if args.compile:
-            print("--compile: the first answer waits for the compiler", file=sys.stderr)
+        print(about, file=sys.stderr)
         interactive(session, with_tools)
         return 0
     for question in args.prompt:
