@@ -531,7 +531,7 @@ def test_tool_answers_show_the_value_the_steps_and_the_boxes(browser, ours, toke
     described = f"I see {', '.join(shapes[:-1])} and {shapes[-1]}."
     value = f"The red circle is at {result['boxes'][0]}."
     markup = '<img src=x onerror="window.ran = true"> <b>not bold</b>'  # a page that renders HTML would run it
-    script = [final(described), CALL, final(value), markup]
+    script = [final(described), CALL, final(value), markup, "Yes."]
 
     def scripted(self, text, stream=None, should_stop=None):
         answer = script.pop(0)
@@ -540,7 +540,7 @@ def test_tool_answers_show_the_value_the_steps_and_the_boxes(browser, ours, toke
         return answer.strip()
     monkeypatch.setattr(chat.ChatSession, "ask", scripted)
     use_tools = partial(tools.answer, skills=toy.TOY_TOOLS, server=None, max_rounds=1)
-    with served(model, tokenizer, use_tools) as (url, _):
+    with served(model, tokenizer, use_tools) as (url, chat_):
         page = Page(browser, url)
         assert "tools on" in page.js("return document.getElementById('about').textContent")
         page.add(tmp_path / "shapes.png")
@@ -576,3 +576,11 @@ def test_tool_answers_show_the_value_the_steps_and_the_boxes(browser, ours, toke
         # a new conversation starts with an empty page
         page.driver.find_element("id", "new").click()
         wait_for(lambda: page.js("return document.querySelectorAll('.message').length") == 0)
+        # a conversation the server no longer keeps: the page is told, and starts over
+        dropped = wait_for(lambda: len(chat_.conversations) == 1 and next(iter(chat_.conversations)))
+        chat_.forget(dropped)
+        page.ask("Still there?")
+        assert page.errors(1)[0].startswith("this conversation is no longer kept")
+        wait_for(lambda: len(chat_.conversations) == 1 and dropped not in chat_.conversations, what="a new one")
+        page.ask("Still there?")
+        assert page.answer(1) == "Yes."
