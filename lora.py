@@ -21,14 +21,14 @@ TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 class LoRALinear(nn.Module):
-    """A frozen module computing y = base_layer(x) (an nn.Linear, or a quantized one), plus a trained low-rank
+    """A frozen module computing y = base_layer(x) (an nn.Linear, or a quantized one: QLoRA), plus a trained low-rank
     change. lora_A and lora_B are nn.Linear, as in PEFT, so their weights are (r, in) and (out, r)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        device = next(base_layer.parameters()).device
+        device = base_layer.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
         self.scaling = alpha / r
@@ -43,7 +43,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """The plain linear computing what this one computes without dropout: W + (alpha / r) · B A (PEFT's
-        merge_and_unload), summed in fp32 and rounded once to W's dtype."""
+        merge_and_unload), summed in fp32 and rounded once to W's dtype. (A QLoRA adapter merges into the float
+        weights its quantized base was made from, as the official loader does: plumbing/checkpoints.py load_lora.)"""
         W = self.base_layer.weight
         merged = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
                            device=W.device, dtype=W.dtype)

@@ -48,7 +48,12 @@ class Int8Linear(nn.Module):
         q = (w.float() / scales.float().clamp(min=1e-12)[:, None]).round_().clamp_(-127, 127)
         return {"weight": q.to(torch.int8), "scales": scales}
 
+    def dequantize(self, dtype) -> torch.Tensor:  # (N, K) = q · s
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
     def forward(self, x):  # (..., K) -> (..., N)
+        if x.requires_grad:  # QLoRA: LoRA trains over this layer, and torch's int8 kernel has no backward
+            return F.linear(x, self.dequantize(x.dtype))
         if x.device.type == "cpu":  # torch's int8 matmul reads the int8 bytes as they are (fast in bf16)
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
@@ -121,7 +126,17 @@ class Int4Linear(nn.Module):
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
         self.packed = True
 
+    def dequantize(self, dtype) -> torch.Tensor:
+        """The float weight (N, K) = (q - 8) · s + z, group by group, from the plain layout."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, K/G) each
+        codes = unpack_int4(self.weight).view(N, K // G, G).float()
+        return ((codes - 8) * scales[..., None] + zeros[..., None]).view(N, K).to(dtype)
+
     def forward(self, x):  # (..., K) -> (..., N)
+        if x.requires_grad:  # QLoRA: LoRA trains over this layer, and torch's int4 kernels have no backward
+            assert not self.packed, "an int4 layer that has answered (its weight packed for the kernel) cannot train"
+            return F.linear(x, self.dequantize(x.dtype))
         if not self.packed:  # once, on the device the model runs on
             self.pack()
         x2 = x.reshape(-1, self.in_features)  # (M, K)
@@ -153,13 +168,14 @@ QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear}  # the --quantize modes
 
 
 def llm_linears(model: nn.Module) -> dict:
-    """The layers quantized, by name in a Llava: the q, k, v, o, gate, up and down projections of every decoder layer
-    (92 % of LLaVA-1.5-7B's weights).
+    """The layers quantized, by name in a Llava (or a Llama): the q, k, v, o, gate, up and down projections of every
+    decoder layer (92 % of LLaVA-1.5-7B's weights).
 
     The vision tower and projector (5 %) keep the model's dtype, and so do the embedding (a lookup, not a matmul) and
     lm_head (2 % each): lm_head's error would fall straight on the logits that pick each token, for 2 % of the memory
     (GPTQ's and AWQ's tools leave it in float too)."""
-    return {f"language_model.layers.{i}.{name}": module for i, layer in enumerate(model.language_model.layers)
+    llm, prefix = (model.language_model, "language_model.") if hasattr(model, "language_model") else (model, "")
+    return {f"{prefix}layers.{i}.{name}": module for i, layer in enumerate(llm.layers)
             for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
 
 

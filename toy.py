@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from clip import CLIPVisionConfig, CLIPVisionTower, preprocess_image
@@ -55,11 +55,11 @@ POSITIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bot
 SIZES = {"small": 0.16, "large": 0.21}  # radius, as a fraction of the shorter side (large diagonal squares may touch)
 CANVASES = ((64, 64), (64, 64), (64, 64), (64, 48), (48, 64))  # some non-square, to exercise the padding
 EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no", "grounding", "describe")
-# how often stage 2 asks each kind of question: count (read off the whole image, learned first) and size (which the
-# eval never asks) half as often as the look-ups, which find an object by one attribute and read another
-QUESTION_WEIGHTS = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=1)
+# how often stage 2 asks each kind of question: count (read off the whole image, learned first) half as often as the
+# look-ups, which find an object by one attribute and read another (size among them: descriptions need it)
+QUESTION_WEIGHTS = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=2)
 # the kinds of stage-2 sample and how often each comes: mix665k's, and LLaVA-Plus's tool use
-STAGE2_MIX = dict(qa=52, describe=15, text=12, two_images=8, detect=9, measure=4)
+STAGE2_MIX = dict(qa=56, describe=16, text=6, two_images=6, detect=13, measure=3)
 # what a newcomer asks first; every one of them is answered with the whole description
 DESCRIBE = ("Describe the image.", "Describe the image in detail.", "What is in this picture?",
             "What do you see in the image?", "Tell me about this image.", "What does the image show?")
@@ -205,7 +205,9 @@ def _tool_sample(scene: dict, file: str, tool: str, rng: random.Random) -> dict:
     question = (f"Give the bounding box of the {name}." if tool == "detect" else
                 f"How many pixels does the {name} cover?")
     result = tools.clean_result(tool, TOY_TOOLS[tool](_draw(scene), {"caption": name}))
-    answer = str((result["boxes"] if tool == "detect" else result["areas"])[0])
+    found = result["boxes"] if tool == "detect" else result["areas"]
+    # the rare shape the detector misses (one drawn over another): what the tool said is what the answer says
+    answer = str(found[0]) if found else f"{tool} found no {name}."
     return dict(image=file, conversations=[
         {"from": "human", "value": _with_image(question, rng)},
         {"from": "gpt", "thoughts": f"I need {tool} to answer this.",
@@ -259,7 +261,7 @@ def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.
     # several questions about the image, as mix665k's VQA samples: the image's tokens (and the system prompt) are
     # paid for once, and each question is one more lesson in finding an object by one attribute and reading another
     asked = {}
-    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=rng.randint(2, 6)):
+    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=rng.randint(3, 8)):
         q, w, s = _question(scenes[k], category, rng)
         asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
     pairs = list(asked.values())
@@ -348,9 +350,12 @@ def _train_tokenizer(texts: list, vocab_size: int) -> Tokenizer:
     needs for its image token; our pipeline never emits it)."""
     learner = Tokenizer(models.BPE())
     learner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    # learn within words, each with its leading "▁", and keep "\n" apart, as SentencePiece does for LLaMA
+    # learn within words, each with its leading "▁", and keep "\n" apart, as SentencePiece does for LLaMA; numbers
+    # apart too, so that a box's ("[[0.09, 0.31, ...]]") are learned as pieces of their own, which an answer that
+    # reads a tool's result copies whole
     learner.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("▁", behavior="merged_with_next"), pre_tokenizers.Split("\n", behavior="isolated")])
+        [pre_tokenizers.Split("▁", behavior="merged_with_next"), pre_tokenizers.Split("\n", behavior="isolated"),
+         pre_tokenizers.Split(Regex("▁?[0-9]+(?:\\.[0-9]+)?"), behavior="isolated")])
     learner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size - 260, show_progress=False))
     learned = json.loads(learner.to_str())["model"]
     pieces = [UNK, BOS, EOS] + [f"<0x{b:02X}>" for b in range(256)] + sorted(learned["vocab"], key=learned["vocab"].get)
@@ -565,9 +570,8 @@ def train_toy_lm(world: dict, tokenizer: Tokenizer, steps: int, generator, lr_sc
     """The LM: next-token prediction on the world's captions and conversations, packed into blocks (nanoGPT style)."""
     texts = []
     for name in ("stage1", "stage2"):
-        for sample in json.loads(Path(world[name]).read_text()):  # the answers as stage 2 writes them
-            texts.append(" ".join(text.replace(IMAGE_MARKER, "").strip()
-                                  for _, text in to_messages(sample["conversations"], False)))
+        for sample in json.loads(Path(world[name]).read_text()):  # what is said, not the format it is said in
+            texts.append(" ".join(turn["value"].replace(IMAGE_MARKER, "").strip() for turn in sample["conversations"]))
     ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids + [tokenizer.token_to_id(EOS)]]
     block = 128
     data = torch.tensor(ids[:len(ids) // block * block]).view(-1, block)  # (n_blocks, block)

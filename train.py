@@ -10,8 +10,7 @@ batch (all ranks, all micro-steps), and gradients cross between ranks once per s
 
 Stage 2 can also start from a finished LLaVA, to fine-tune it on your own data (`--model`, finetune_task.sh), and
 can train LoRA (lora.py) in place of the whole LLM (`--lora-r 128`, finetune_lora.sh and finetune_task_lora.sh).
-With no model arguments it trains the toy world (toy.py) on the CPU; its base models come from "stage 0", which runs
-by itself the first time, so that stage 1 starts from plain HF directories exactly as the real recipe does.
+Without model arguments it trains the toy world (toy.py) on the CPU, from base models that stage 0 makes.
 
     python train.py --stage 1                      # the toy world: stage 0 if needed, then stage 1
     python train.py --stage 2                      # continues from the toy stage 1
@@ -21,9 +20,8 @@ by itself the first time, so that stage 1 starts from plain HF directories exact
         --projector runs/stage1/model --data llava_v1_5_mix665k.json --image-folder playground/data
     python train.py --stage 2 --model llava-1.5-7b-hf --data my.json --image-folder my_images --lora-r 128
 
-Every stage ends by writing `<out_dir>/model` (llava-hf layout, loadable by transformers, chat.py and eval.py) and
-pointing `<runs_dir>/LATEST` at it. An out_dir that holds an earlier run's checkpoints takes `--resume true` (continue
-it) or `--overwrite true` (start afresh).
+Every stage ends by writing `<out_dir>/model` (llava-hf layout: transformers, chat.py and eval.py load it) and pointing
+`<runs_dir>/LATEST` at it; an out_dir holding an earlier run's checkpoints takes `--resume true` or `--overwrite true`.
 """
 
 import argparse
@@ -108,6 +106,7 @@ class TrainConfig:
     lora_alpha: float = option(256.0, "LoRA's change is scaled by alpha / r")
     lora_dropout: float = option(0.05, "dropout on the input of LoRA's branch")
     projector_lr: float = option(0.0, "the projector's peak learning rate (official mm_projector_lr); 0: --lr")
+    quantize: str = option("", "with LoRA: the frozen LLM's projections in int8 or int4 (QLoRA, official --bits)")
     # runtime
     device: str = option("auto", "auto: cuda if available, else cpu; cpu; cuda")
     dtype: str = option("auto", "auto: bf16 on cuda, fp32 on cpu; " + "; ".join(TRAIN_DTYPES))
@@ -196,12 +195,13 @@ def build_model(cfg: TrainConfig, device, dtype):
     """Bases + projector, or a finished LLaVA (--model), with only this run's parts trainable: the projector, and in
     stage 2 the LLM or, with LoRA, low-rank changes of its projections. Frozen parts are kept in the compute dtype;
     trainable parts in fp32 (autocast computes in bf16, AdamW updates fp32 master weights)."""
-    model = (load_llava(cfg.model, cfg.vision_tower or None, dtype=dtype, device=device) if cfg.model else
-             load_base(cfg.llm, cfg.vision_tower, cfg.projector_type, dtype=dtype, device=device))
+    quantize = cfg.quantize or None  # QLoRA: the frozen projections quantized as they load (quantize.py)
+    model = (load_llava(cfg.model, cfg.vision_tower or None, dtype, device, quantize) if cfg.model else
+             load_base(cfg.llm, cfg.vision_tower, cfg.projector_type, dtype, device, quantize))
     if cfg.projector:
         load_projector(model, cfg.projector)
     model.requires_grad_(False)
-    if cfg.lora_r:  # new fp32 A and B beside each frozen projection, trainable
+    if cfg.lora_r:  # new fp32 A and B beside each frozen (or quantized) projection, trainable
         add_lora(model.language_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     elif cfg.stage == 2:
         model.language_model.float().requires_grad_(True)

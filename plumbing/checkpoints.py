@@ -276,21 +276,24 @@ def load_clip(directory: str, dtype=None, device=None) -> CLIPVisionTower:
     return tower
 
 
-def load_llama(directory: str, dtype=None, device=None) -> Llama:
-    """A plain transformers LLaMA / Vicuna directory (`model.*` and `lm_head.weight`)."""
+def load_llama(directory: str, dtype=None, device=None, quantize: Optional[str] = None) -> Llama:
+    """A plain transformers LLaMA / Vicuna directory (`model.*` and `lm_head.weight`), its linear layers quantized as
+    they load with `quantize` (QLoRA's frozen base)."""
     dtype, device = _target(dtype, device)
     with torch.device("meta"):
         llm = Llama(LlamaConfig.from_hf(read_config(directory)))
     load_weights(llm, [CheckpointFiles(directory)],
-                 lambda name: (0, name if name.startswith("lm_head.") else "model." + name), dtype, device, _ignored)
+                 lambda name: (0, name if name.startswith("lm_head.") else "model." + name), dtype, device, _ignored,
+                 quantize)
     return llm
 
 
-def load_base(llm: str, vision_tower: str, projector_type: str = "mlp2x_gelu", dtype=None, device=None) -> Llava:
+def load_base(llm: str, vision_tower: str, projector_type: str = "mlp2x_gelu", dtype=None, device=None,
+              quantize: Optional[str] = None) -> Llava:
     """Stage 1's starting point: a plain LLaMA/Vicuna, a plain CLIP and a new projector (PyTorch's default Linear
     init, as the official stage 1)."""
     dtype, device = _target(dtype, device)
-    language_model, tower = load_llama(llm, dtype, device), load_clip(vision_tower, dtype, device)
+    language_model, tower = load_llama(llm, dtype, device, quantize), load_clip(vision_tower, dtype, device)
     config = LlavaConfig(vision=tower.config, text=language_model.config, projector_type=projector_type)
     with torch.device("meta"):
         model = Llava(config)

@@ -201,7 +201,7 @@ def check_train_config(cfg, given: dict, parser, templates, aspect_ratios, proje
             for path in given.get(name, "").split(",") if name in ("data", "image_folder") else [given.get(name)]:
                 if path and not os.path.exists(path):
                     parser.error(f"--{name.replace('_', '-')} {path}: no such file or directory")
-        if cfg.model or cfg.lora_r:
+        if cfg.model or cfg.lora_r or cfg.quantize:
             check_finetuning(cfg, given, parser)
         for path in cfg.data.split(","):
             if os.path.isdir(path):
@@ -232,6 +232,9 @@ def check_finetuning(cfg, given: dict, parser):
     """--model (task fine-tuning from a finished LLaVA) and --lora-r. Sets cfg.projector_type to the model's."""
     if cfg.lora_r and cfg.stage != 2:
         parser.error(f"--lora-r {cfg.lora_r}: LoRA changes the LLM, which trains in stage 2 (--stage 2)")
+    if cfg.quantize and (not cfg.lora_r or cfg.quantize not in ("int8", "int4") or cfg.fsdp):
+        parser.error(f"--quantize {cfg.quantize}: int8 or int4, for the frozen LLM under LoRA (--lora-r N), in one "
+                     "process per GPU without --fsdp (QLoRA)")
     if not cfg.model:
         return
     if cfg.stage != 2 or given.get("llm") or given.get("projector"):

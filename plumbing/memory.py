@@ -22,9 +22,9 @@ from lora import add_lora
 from model import Llava
 
 GB = 1e9
-# NF4 with double-quantized block scales, as the official --bits 4 (QLoRA, Dettmers et al. 2023: 0.127 bits of
-# constants a weight)
-QLORA_BITS = 4.127
+# bits a quantized weight takes with its share of the constants (quantize.py): int4 a bf16 scale and zero per 128
+# weights, int8 a scale per row of thousands; the official --bits 4's NF4 takes 4.127 (Dettmers et al. 2023)
+QLORA_BITS = {"int4": 4 + 32 / 128, "int8": 8.0}
 
 
 def parameter_counts(config, lora_r: int) -> dict:
@@ -50,7 +50,7 @@ def layer_bytes(text, mode: str, lora_r: int = 0, lora_dropout: float = 0.0) -> 
 
 
 def step_memory(config, micro_batch: int, positions: int, lora_r: int = 128, lora_dropout: float = 0.05,
-                dtype_bytes: int = 2, gradient_checkpointing: bool = True, shards: int = 1) -> dict:
+                dtype_bytes: int = 2, gradient_checkpointing: bool = True, shards: int = 1, bits: str = "int4") -> dict:
     """{"full" | "lora" | "qlora": {"weights", "gradients", "optimizer", "activations"}} in bytes, on one GPU, for
     micro-batches of `micro_batch` samples of `positions` LLM positions (image positions included)."""
     n = parameter_counts(config, lora_r)
@@ -62,7 +62,7 @@ def step_memory(config, micro_batch: int, positions: int, lora_r: int = 128, lor
         "full": (n["llm"] + n["projector"], n["tower"] * dtype_bytes, layer_bytes(config.text, "full"),
                  4 if shards == 1 else 2),
         "lora": (n["lora"] + n["projector"], (n["llm"] + n["tower"]) * dtype_bytes, lora_layer, 2),
-        "qlora": (n["lora"] + n["projector"], n["llm_linear"] * QLORA_BITS / 8
+        "qlora": (n["lora"] + n["projector"], n["llm_linear"] * QLORA_BITS[bits] / 8
                   + (n["llm"] - n["llm_linear"] + n["tower"]) * dtype_bytes, lora_layer, 2)}
     table = {}
     for mode, (trained, frozen, layer, stream) in modes.items():
@@ -80,13 +80,14 @@ def memory_table(config, cfg, world: int, dtype_bytes: int) -> str:
     shards = world if cfg.fsdp else 1
     r = cfg.lora_r or 128  # the official scripts' rank, where this run trains in full
     table = step_memory(config, cfg.micro_batch, cfg.max_len, r, cfg.lora_dropout, dtype_bytes,
-                        cfg.gradient_checkpointing, shards)
-    this = ("lora" if cfg.lora_r else "full") if cfg.stage == 2 else None  # stage 1, the projector alone: less
+                        cfg.gradient_checkpointing, shards, cfg.quantize or "int4")
+    this = ("qlora" if cfg.quantize else "lora" if cfg.lora_r else "full") if cfg.stage == 2 else None  # stage 1:
+    # the projector alone, less
     lines = [f"memory a step needs on each GPU, computed (docs/finetune.md), for micro-batches of {cfg.micro_batch} × "
              f"{cfg.max_len} positions (--max-len: the longest)" + (f", FSDP over {shards} ranks" if shards > 1 else "")
              + ", in GB:", f"{'':12}{'weights':>9}{'grads':>8}{'AdamW':>8}{'activ.':>8}{'total':>8}"]
     for mode, row in table.items():
-        name = {"full": "full", "lora": f"LoRA r{r}", "qlora": f"QLoRA r{r}"}[mode]
+        name = {"full": "full", "lora": f"LoRA r{r}", "qlora": f"QLoRA r{r} {cfg.quantize or 'int4'}"}[mode]
         lines.append(f"{name:12}" + "".join(f"{row[k] / GB:{w}.1f}" for k, w in
                                             (("weights", 9), ("gradients", 8), ("optimizer", 8), ("activations", 8)))
                      + f"{sum(row.values()) / GB:8.1f}" + ("  <- this run" if mode == this else ""))

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from model import Llava
 from lora import add_lora, merge_lora
-from plumbing.checkpoints import (CheckpointError, read_config, save_image_processor, save_llava, save_llava_tokenizer,
-                                  save_lora_adapter)
+from plumbing.checkpoints import (CheckpointError, load_lora, read_config, save_image_processor, save_llava,
+                                  save_llava_tokenizer, save_lora_adapter)
 
 
 def log(rank, *args):
@@ -328,7 +328,13 @@ def publish(cfg, model, step: int, start_step: int, total_steps: int, skipped: i
         tower = cfg.vision_tower or (read_config(cfg.model).get("mm_vision_tower") if cfg.model else None)
         save_lora_adapter(model, written[1], cfg.model or cfg.llm, tower, dict(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout))
-        merge_lora(model.language_model)
+        if cfg.quantize:  # QLoRA: the adapter merges into the float weights the quantized base was made from
+            config = model.config
+            model = load_lora(written[1], cfg.model or cfg.llm, cfg.vision_tower or None,
+                              model.multi_modal_projector.linear_1.weight.dtype, "cpu")
+            model.config = config
+        else:
+            merge_lora(model.language_model)
     save_llava(model, final)
     save_image_processor(model.config, final)
     save_llava_tokenizer(cfg.model or cfg.llm, final, model.config.image_token_index)

@@ -306,7 +306,7 @@ def test_memory_estimate_is_what_a_tiny_step_holds(mode):
                                        if n.endswith(("_proj.weight", "_proj.base_layer.weight")))
     if mode == "lora":
         qlora = step_memory(config, 1, 64, R, 0.0, dtype_bytes=2)["qlora"]
-        assert qlora["weights"] == pytest.approx(expected["weights"] - counts["llm_linear"] * (2 - QLORA_BITS / 8))
+        assert qlora["weights"] == pytest.approx(expected["weights"] - counts["llm_linear"] * (2 - QLORA_BITS["int4"] / 8))
         assert qlora["optimizer"] == expected["optimizer"]
 
 

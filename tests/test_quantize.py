@@ -354,12 +354,13 @@ def test_bench_reports_float_int8_and_int4_side_by_side_and_the_memory_of_loadin
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout)
 
-    quantized = bench("--quantize", "int8", "int4", "--skip-training", "--batch", "1", "--new-tokens", "8",
+    # 24 new tokens: enough that decoding them takes measurably longer than one, even on a busy machine
+    quantized = bench("--quantize", "int8", "int4", "--skip-training", "--batch", "1", "--new-tokens", "24",
                       "--compile", "false", "--repeats", "1")["quantized"]
     assert list(quantized) == ["float", "int8", "int4"]
     assert quantized["float"]["weight_gb"] > quantized["int8"]["weight_gb"] > quantized["int4"]["weight_gb"]
-    assert all(m["decode_b1_tok_s"] > 0 and 0 <= m["greedy_steps_equal_to_float"] <= 8 for m in quantized.values())
-    assert quantized["float"]["greedy_steps_equal_to_float"] == 8
+    assert all(m["decode_b1_tok_s"] > 0 and 0 <= m["greedy_steps_equal_to_float"] <= 24 for m in quantized.values())
+    assert quantized["float"]["greedy_steps_equal_to_float"] == 24
     loaded = bench("--load-only", "--quantize", "int4")
     assert loaded["quantize"] == "int4" and loaded["weight_gb"] == quantized["int4"]["weight_gb"]
     assert loaded["peak_rss_gb"] >= loaded["peak_rss_before_loading_gb"] > 0

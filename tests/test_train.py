@@ -557,7 +557,8 @@ def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
                                  ["--resume", "ture"], ["--llm", "nowhere"], ["--data", "nowhere.json"],
                                  ["--global-batch", "10", "--micro-batch", "4"], ["--global-batch", "-8"],
                                  ["--micro-batch", "0"], ["--lr", "-1"], ["--save-every", "0"], ["--epochs", "0"],
-                                 ["--warmup-ratio", "2"], ["--max-len", "0"], ["--grad-clip", "0"], ["--data", "."]])
+                                 ["--warmup-ratio", "2"], ["--max-len", "0"], ["--grad-clip", "0"], ["--data", "."],
+                                 ["--quantize", "int8"], ["--quantize", "int3", "--lora-r", "8"]])
 def test_bad_option_values_stop_with_a_usage_error(bad, capsys, tmp_path, monkeypatch):
     """A wrong value stops before any work, naming the option and the choices (not a KeyError mid-run); a
     misspelt true/false is not read as false, and a path that does not exist is named before minutes of loading."""
@@ -1040,3 +1041,60 @@ def test_the_readmes_worked_example_runs_on_a_tiny_toy(runs, stage1_model, tmp_p
         tables.append(table)
     assert tables[1] == tables[2]  # the merged model and the adapter on its base answer alike
     assert os.path.exists(mine / "task-lora" / "toy_eval_answers_task.jsonl")
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_qlora_trains_lora_over_a_quantized_base_and_merges_into_its_float_weights(runs, stage1_model, tmp_path, bits):
+    """QLoRA (--quantize with --lora-r, the official --bits path): the frozen projections are int8 or int4 as they
+    load, LoRA's A and B (fp32, computed under autocast in the run's dtype) and the projector train over them, the
+    gradients passing through the quantized layers; the adapter merges into the float weights the base was made from,
+    as the official loader merges QLoRA adapters."""
+    from plumbing.checkpoints import load_lora
+    from quantize import QUANTIZED
+    from train import build_model, resolve_config
+    out = tmp_path / bits
+    args = finetune(runs, stage1_model, "--micro-batch", 4, "--epochs", 0.25, "--lora-r", 4, "--lora-alpha", 8,
+                    "--lr", 1e-2, "--projector-lr", 1e-3, "--quantize", bits)
+    run = train(runs, *args, "--out-dir", out)
+    assert re.search(rf"QLoRA r4 {bits} .*<- this run", run.stdout), run.stdout
+    cfg = resolve_config(["--runs-dir", str(runs), *map(str, args)])
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    base_layers = [m.base_layer for m in model.language_model.modules() if hasattr(m, "lora_A")]
+    assert base_layers and all(type(layer) is QUANTIZED[bits] for layer in base_layers)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"language_model",
+                                                                                           "multi_modal_projector"}
+    assert all(".lora_" in n for n, p in model.language_model.named_parameters() if p.requires_grad)
+    saved = trainable(out, 3)
+    first = base_layers[0]  # layer 0's q_proj: its A learned, so gradients crossed the quantized layers above it
+    assert saved["language_model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max() > 1e-4
+    merged = load_llava(str(out / "model"))
+    again = load_lora(str(out / "llava-lora"), str(stage1_model))  # into the float base, as the official loader
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in merged.state_dict().items())
+    float_q = load_llava(str(stage1_model)).language_model.layers[0].self_attn.q_proj.weight
+    delta = (saved["language_model.layers.0.self_attn.q_proj.lora_B.weight"]
+             @ saved["language_model.layers.0.self_attn.q_proj.lora_A.weight"]) * 8 / 4
+    assert torch.allclose(merged.language_model.layers[0].self_attn.q_proj.weight, float_q + delta, atol=1e-6)
+    assert not torch.equal(first.dequantize(torch.float32), float_q)  # the base it trained over was quantized
+
+
+def test_toy_base_models_are_the_runs_own_else_the_shipped_ones_made_for_its_world(runs, tmp_path, monkeypatch):
+    """Stage 0 writes the run directory's base models, never the shipped copy; later stages take the run
+    directory's where stage 0 made them, else the shipped ones, which must have been made from the world's text."""
+    import toy
+    shipped = tmp_path / "toy_base"
+    shutil.copytree(runs / "toy" / "base", shipped)
+    monkeypatch.setattr(toy, "SHIPPED", shipped)
+    fresh = tmp_path / "fresh"
+    assert toy.toy_paths(str(fresh), 1)["llm"] == str(shipped / "llm")
+    assert toy.toy_paths(str(fresh), 0)["llm"] == str(fresh / "toy" / "base" / "llm")  # stage 0: never the shipped
+    assert toy.toy_paths(str(runs), 2)["vision_tower"] == str(runs / "toy" / "base" / "clip")
+    # a world whose text the shipped tokenizer was not made from
+    paths = toy.toy_paths(str(fresh), 1)
+    make_toy_world(fresh / "toy" / "world", n_train_images=8, n_stage1=8, n_stage2=8, n_eval_images=2, seed=5,
+                   vocab_size=400)
+    with pytest.raises(SystemExit, match=r"other text than the base models in .*toy_base were made for: run "
+                                         r"`python train.py --stage 0`"):
+        toy.prepare_toy(paths, 1, 42, 1, 1, lambda *a: 0.0)
+    shutil.copy(shipped / "llm" / "tokenizer.json", fresh / "toy" / "world" / "tokenizer.json")
+    toy.prepare_toy(paths, 1, 42, 1, 1, lambda *a: 0.0)  # the same tokenizer: nothing to do, nothing trained
+    assert not (fresh / "toy" / "base").exists()
