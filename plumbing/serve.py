@@ -90,6 +90,8 @@ class Chat:
         self.running = None
         self.closed = False
         self.lock = threading.Condition()
+
+    def start(self):
         threading.Thread(target=self.work, daemon=True).start()
 
     # --- what the request handlers call (any thread)
@@ -356,6 +358,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, chat: Chat):
         self.chat = chat
         super().__init__(address, Handler)
+        chat.start()  # once the port is ours: a failed bind leaves no thread behind at exit
 
     def server_close(self):
         super().server_close()

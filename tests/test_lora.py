@@ -317,12 +317,14 @@ def test_train_py_prints_the_memory_of_each_way_and_marks_its_own():
     from plumbing.memory import memory_table
     config = LlavaConfig.from_name("llava-v1.5-7b")
     cfg = dict(stage=2, micro_batch=16, max_len=2048, lora_r=0, lora_dropout=0.05, gradient_checkpointing=True,
-               fsdp=False)
+               fsdp=False, quantize="")
     rows = {line.split()[0] + line.split()[1]: line for line in memory_table(
         config, SimpleNamespace(**cfg), 1, 2).splitlines()[2:]}
     assert rows["full27.6"].endswith("<- this run") and rows["LoRAr128"].split()[-1] == "45.4"
     lora = memory_table(config, SimpleNamespace(**{**cfg, "lora_r": 64}), 1, 2)
     assert re.search(r"\nLoRA r64 .*<- this run\n", lora) and "QLoRA r64" in lora
+    qlora = memory_table(config, SimpleNamespace(**{**cfg, "lora_r": 64, "quantize": "int8"}), 1, 2)
+    assert re.search(r"\nQLoRA r64 int8 .*<- this run", qlora) and "<- this run" not in qlora.split("QLoRA")[0]
     assert "<- this run" not in memory_table(config, SimpleNamespace(**{**cfg, "stage": 1}), 1, 2)
     sharded = memory_table(config, SimpleNamespace(**{**cfg, "fsdp": True}), 8, 2)
     assert "FSDP over 8 ranks" in sharded and re.search(r"\nfull +3\.5 +3\.4 +6\.8 ", sharded)

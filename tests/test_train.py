@@ -536,7 +536,7 @@ def test_real_recipe_defaults_and_overrides(tmp_path, monkeypatch):
     other = dict(stage=2, template="llava_llama_2", image_aspect_ratio="square", projector_type="linear",
                  device="cpu", dtype="bf16", llm="V2", vision_tower="C2", projector="P2", data="d2.json",
                  image_folder="I2", global_batch=60, micro_batch=6, warmup_ratio=0.5,
-                 model="", lora_dropout=0.1)  # --model goes in place of --llm (its own test)
+                 model="", lora_dropout=0.1, quantize="")  # --model, QLoRA: their own tests
     for toy in (True, False):
         argv = ["--stage", "2"] + ([] if toy else ["--llm", "V", "--vision-tower", "C", "--data", "mix.json"])
         defaults = resolve_config(argv)
