@@ -17,9 +17,10 @@ runners ask them (plumbing/benchmarks.py). Unlike the official runners:
   - one process per GPU either by --num-chunks/--chunk-idx (the official split, merged by `cat`) or by torchrun
     (rank 0 merges the ranks' files in question order).
 
-The toy evaluation counts exact matches with the toy world's answers (toy.py's score_toy), by category and by how
-many objects the question's scene holds. The scorers, each reproducing one official script, are in
-plumbing/benchmarks.py.
+With tools (LLaVA-Plus, tools.py: `generate --tools` or `--tool-server URL`), each question goes through the tool
+loop, one at a time: the answer's text is the final value, and its `trace` the steps. The toy evaluation always
+does so (the toy's model is LLaVA-Plus), and scores by category (toy.py's score_toy: exact words, boxes by IoU,
+descriptions by their objects). The scorers, each reproducing one official script, are in plumbing/benchmarks.py.
 """
 
 import argparse
