@@ -55,11 +55,11 @@ POSITIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bot
 SIZES = {"small": 0.16, "large": 0.21}  # radius, as a fraction of the shorter side (large diagonal squares may touch)
 CANVASES = ((64, 64), (64, 64), (64, 64), (64, 48), (48, 64))  # some non-square, to exercise the padding
 EVAL_CATEGORIES = ("colour", "shape", "count", "position", "yes_no", "grounding", "describe")
-# how often stage 2 asks each kind of question: count (read off the whole image, learned first) half as often as the
-# look-ups, which find an object by one attribute and read another (size among them: descriptions need it)
-QUESTION_WEIGHTS = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=2)
+# how often stage 2 asks each kind of question: count (read off the whole image, learned first) and size half as often
+# as the look-ups, which find an object by one attribute and read another
+QUESTION_WEIGHTS = dict(colour=2, shape=2, count=1, position=2, yes_no=2, size=1)
 # the kinds of stage-2 sample and how often each comes: mix665k's, and LLaVA-Plus's tool use
-STAGE2_MIX = dict(qa=56, describe=16, text=6, two_images=6, detect=13, measure=3)
+STAGE2_MIX = dict(qa=66, describe=12, text=5, two_images=5, detect=10, measure=2)
 # what a newcomer asks first; every one of them is answered with the whole description
 DESCRIBE = ("Describe the image.", "Describe the image in detail.", "What is in this picture?",
             "What do you see in the image?", "Tell me about this image.", "What does the image show?")
@@ -197,21 +197,28 @@ def _turns(pairs: list, unified: bool = False) -> list[dict]:
     return turns
 
 
-def _tool_sample(scene: dict, file: str, tool: str, rng: random.Random) -> dict:
+def _tool_sample(scene: dict, file: str, kind: str, rng: random.Random) -> dict:
     """A LLaVA-Plus conversation: the question, the tool call, the tool's result (run on the image here, as
-    LLaVA-Plus's data was made), and the answer read from it (official wordings: collect_data.py)."""
+    LLaVA-Plus's data was made), and the answer read from it (official wordings: collect_data.py). A description
+    calls detect with no caption, which names every shape it finds; the answer then tells each one's size and place,
+    in the order the tool listed them."""
     o = rng.choice(scene["objects"])
     name = f"{o['colour']} {o['shape']}"
-    question = (f"Give the bounding box of the {name}." if tool == "detect" else
-                f"How many pixels does the {name} cover?")
-    result = tools.clean_result(tool, TOY_TOOLS[tool](_draw(scene), {"caption": name}))
-    found = result["boxes"] if tool == "detect" else result["areas"]
-    # the rare shape the detector misses (one drawn over another): what the tool said is what the answer says
-    answer = str(found[0]) if found else f"{tool} found no {name}."
+    tool, caption = ("detect", "") if kind == "describe" else (kind, name)
+    question = (rng.choice(DESCRIBE) if kind == "describe" else f"Give the bounding box of the {name}."
+                if kind == "detect" else f"How many pixels does the {name} cover?")
+    result = tools.clean_result(tool, TOY_TOOLS[tool](_draw(scene), {"caption": caption}))
+    if kind == "describe":
+        rank = {phrase: i for i, phrase in enumerate(result["phrases"])}
+        answer = _description(dict(scene, objects=sorted(
+            scene["objects"], key=lambda o: rank.get(f"{o['colour']} {o['shape']}", len(rank)))))
+    else:  # the rare shape the detector misses (one drawn over another): what the tool said is what the answer says
+        found = result["boxes"] if tool == "detect" else result["areas"]
+        answer = str(found[0]) if found else f"{tool} found no {name}."
     return dict(image=file, conversations=[
         {"from": "human", "value": _with_image(question, rng)},
         {"from": "gpt", "thoughts": f"I need {tool} to answer this.",
-         "actions": [{"API_name": tool, "API_params": {"caption": name}}],
+         "actions": [{"API_name": tool, "API_params": {"caption": caption}}],
          "value": f"I will use {tool} to help to answer the question. Please wait for a moment."},
         {"from": "human", "value": tools.tool_turn(tool, result, question)},
         {"from": "gpt", "thoughts": f"Thanks to the output of {tool}. I can answer the question better.", "actions": [],
@@ -222,8 +229,8 @@ def without_tools(sample: dict) -> dict:
     """The sample as plain LLaVA data: a tool conversation becomes its question and final answer (which the model
     must then work out from the image alone), every answer its value. For the comparison LLaVA vs LLaVA-Plus."""
     turns = sample["conversations"]
-    if len(turns) == 4 and turns[1].get("actions"):
-        turns = [turns[0], turns[3]]
+    if turns[1].get("actions"):
+        turns = turns[:1] + turns[3:]
     return dict(sample, conversations=[{"from": turn["from"], "value": turn["value"]} for turn in turns])
 
 
@@ -237,14 +244,13 @@ def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.
         k = rng.choices(range(len(scenes)), cum_weights=objects_so_far)[0]
     else:
         k = rng.randrange(len(scenes))
-    if kind in TOY_TOOLS:
-        return _tool_sample(scenes[k], files[k], kind, rng)
+    if kind in ("detect", "measure", "describe"):  # and the chat goes on, no tool needed, half the time
+        sample = _tool_sample(scenes[k], files[k], kind, rng)
+        sample["conversations"] += _turns(_questions(scenes[k], rng.choice([0, 0, 1, 2, 3]), short, rng), True)
+        return sample
     if kind == "text":
         facts = [_fact(rng) for _ in range(rng.randint(1, 2))]
         return dict(conversations=_turns([(q + SHORT_ANSWER, w) if short else (q, s) for q, w, s in facts], True))
-    if kind == "describe":
-        pairs = [(_with_image(rng.choice(DESCRIBE), rng), _description(scenes[k]))]
-        return dict(image=files[k], conversations=_turns(pairs, True))
     if kind == "two_images":
         j = rng.choice([j for j in range(len(scenes)) if j != k])
         a, b = scenes[k]["background"], scenes[j]["background"]
@@ -260,13 +266,18 @@ def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.
                     conversations=_turns([(question + SHORT_ANSWER, word) if short else (question, sentence)], True))
     # several questions about the image, as mix665k's VQA samples: the image's tokens (and the system prompt) are
     # paid for once, and each question is one more lesson in finding an object by one attribute and reading another
-    asked = {}
-    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=rng.randint(3, 8)):
-        q, w, s = _question(scenes[k], category, rng)
-        asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
-    pairs = list(asked.values())
+    pairs = _questions(scenes[k], rng.randint(3, 8), short, rng)
     pairs[0] = (_with_image(pairs[0][0], rng), pairs[0][1])
     return dict(image=files[k], conversations=_turns(pairs, True))
+
+
+def _questions(scene: dict, n: int, short: bool, rng: random.Random) -> list[tuple[str, str]]:
+    """Up to n (question, answer) pairs about a scene, no question twice."""
+    asked = {}
+    for category in rng.choices(list(QUESTION_WEIGHTS), list(QUESTION_WEIGHTS.values()), k=n):
+        q, w, s = _question(scene, category, rng)
+        asked.setdefault(q, (q + SHORT_ANSWER, w) if short else (q, s))
+    return list(asked.values())
 
 
 # -----------------------------------------------------------------------------
@@ -569,8 +580,9 @@ def swap_positions(caption: str, rng: random.Random) -> str:
 def train_toy_lm(world: dict, tokenizer: Tokenizer, steps: int, generator, lr_schedule) -> Llama:
     """The LM: next-token prediction on the world's captions and conversations, packed into blocks (nanoGPT style)."""
     texts = []
-    for name in ("stage1", "stage2"):
-        for sample in json.loads(Path(world[name]).read_text()):  # what is said, not the format it is said in
+    # what is said, not the format it is said in: the conversations as plain LLaVA data, tools' outputs left out
+    for name in ("stage1", "stage2_without_tools"):
+        for sample in json.loads(Path(world[name]).read_text()):
             texts.append(" ".join(turn["value"].replace(IMAGE_MARKER, "").strip() for turn in sample["conversations"]))
     ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids + [tokenizer.token_to_id(EOS)]]
     block = 128

@@ -117,7 +117,7 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many optimizer steps (smoke tests: LATEST stays as it is); 0: the "
                                "full schedule")
     # stage 0 (toy only)
-    lm_steps: int = option(250, "stage 0: steps of the toy LM's pretraining on the world's text")
+    lm_steps: int = option(600, "stage 0: steps of the toy LM's pretraining on the world's text")
     clip_steps: int = option(2000, "stage 0: steps of the toy CLIP tower's contrastive training")
 
 

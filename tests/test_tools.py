@@ -5,6 +5,7 @@ its own pictures, and chat.py and eval.py with tools."""
 import base64
 import io
 import json
+import re
 import random
 import threading
 import time
@@ -246,7 +247,7 @@ def test_detect_and_measure_answer_for_the_named_shapes(scene_image):
 
 def test_tool_samples_carry_the_tools_own_results_and_convert_to_plain_llava(toy_world):
     stage2 = json.loads(toy_world["stage2"].read_text())
-    tool_samples = [s for s in stage2 if len(s["conversations"]) == 4 and s["conversations"][1].get("actions")]
+    tool_samples = [s for s in stage2 if s["conversations"][1].get("actions")]
     assert tool_samples and all(t.get("thoughts") for s in stage2 for t in s["conversations"][1::2])
     for sample in tool_samples:
         call = sample["conversations"][1]["actions"][0]
@@ -254,10 +255,15 @@ def test_tool_samples_carry_the_tools_own_results_and_convert_to_plain_llava(toy
         result = tools.clean_result(call["API_name"], toy.TOY_TOOLS[call["API_name"]](image, call["API_params"]))
         question = sample["conversations"][0]["value"].replace("<image>", "").strip()
         assert sample["conversations"][2]["value"] == tools.tool_turn(call["API_name"], result, question)
-        assert sample["conversations"][3]["value"] == str((result.get("boxes") or result.get("areas"))[0])
+        if call["API_params"]["caption"]:  # a box or an area: the tool's, copied
+            assert sample["conversations"][3]["value"] == str((result.get("boxes") or result.get("areas"))[0])
+        else:  # a description: the shapes the tool named, in its order, each told once
+            told = re.findall(r"A \w+ (\w+ \w+) is", sample["conversations"][3]["value"])
+            assert told == result["phrases"] and question in toy.DESCRIBE
         plain = toy.without_tools(sample)["conversations"]
-        assert plain == [{"from": "human", "value": sample["conversations"][0]["value"]},
-                         {"from": "gpt", "value": sample["conversations"][3]["value"]}]
+        assert plain == [{"from": turn["from"], "value": turn["value"]}  # the call and the tool's turn dropped
+                         for turn in sample["conversations"][:1] + sample["conversations"][3:]]
+        assert all(not turn.get("actions") for turn in sample["conversations"][3::2])  # what follows: no tool
 
 
 def test_toy_scoring_of_boxes_and_descriptions():
