@@ -784,8 +784,9 @@ def what_is_at(scene: dict, position: str) -> tuple[str, str]:
 def make_toy_task(root, seed: int = 1, n_train: int = 2000, n_eval_scenes: int = 100, world_seed: int = 0,
                   n_world_images: int = 4000) -> dict:
     """A fine-tuning task as a user brings one, in the official formats under root: images/, train.json (LLaVA's
-    conversation JSON: each image asked "What is on the left?" and the like for its four places, in a random order,
-    and once something the toy already knows, so that it keeps what it knows) and eval.jsonl (the toy world's eval
+    conversation JSON in the format the toy's model speaks, LLaVA-Plus's: each image asked "What is on the left?" and
+    the like for its four places, in a random order, and once something the toy already knows, so that it keeps what
+    it knows) and eval.jsonl (the toy world's eval
     format: one question per place of held-out scenes, for `python eval.py --toy-questions root/eval.jsonl`).
 
     The scenes are new ones, none of them one of the held-out scenes of the toy world made with world_seed and
@@ -799,11 +800,11 @@ def make_toy_task(root, seed: int = 1, n_train: int = 2000, n_eval_scenes: int =
     for i, scene in enumerate(train):
         _draw(scene).save(root / "images" / f"task_{i:05d}.png")
         pairs = [what_is_at(scene, position) for position in rng.sample(list(POSITIONS), len(POSITIONS))]
-        question, answer, _ = _question(scene, rng.choice(EVAL_CATEGORIES), rng)
+        question, answer, _ = _question(scene, rng.choice(list(QUESTION_WEIGHTS)), rng)
         pairs.insert(rng.randrange(len(pairs) + 1), (question, answer))
         pairs = [(q + SHORT_ANSWER, a) for q, a in pairs]
         pairs[0] = (_with_image(pairs[0][0], rng), pairs[0][1])
-        samples.append(dict(id=f"task_{i:05d}", image=f"task_{i:05d}.png", conversations=_turns(pairs)))
+        samples.append(dict(id=f"task_{i:05d}", image=f"task_{i:05d}.png", conversations=_turns(pairs, True)))
     questions = []
     for i, scene in enumerate(_unseen_scenes(rng, train, n_eval_scenes)):
         _draw(scene).save(root / "images" / f"task_eval_{i:05d}.png")

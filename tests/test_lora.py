@@ -386,6 +386,7 @@ def test_toy_task_asks_what_is_at_each_place_and_its_answers_are_what_the_images
         places = sorted(q.split("the ")[1].split("?")[0] for q in questions if q.startswith("What is "))
         assert places == sorted(POSITIONS)  # each place once; the fifth question is one the toy was taught
         preprocess(sample["conversations"], tokenizer, "vicuna_v1", True)  # what training reads, answers and all
+        assert all(turn["actions"] == [] and turn["thoughts"] for turn in sample["conversations"][1::2])
         assert (task["images"] / sample["image"]).is_file()
     questions = [json.loads(line) for line in task["eval"].read_text().splitlines()]
     assert len(questions) == 40 and {q["category"] for q in questions} == set(TASK_CATEGORIES)

@@ -651,15 +651,16 @@ def test_epochs_of_modality_grouped_batches_run_to_the_end(runs, tmp_path):
     from plumbing.tokenizer import load_tokenizer
     from train import global_batches, resolve_config
     out = tmp_path / "s2"
-    train(runs, "--stage", 2, "--projector", "", "--out-dir", out, "--global-batch", 10, "--micro-batch", 5,
+    # 93 image and 3 text-only samples: batches of 5 leave 3 + 3 over, more than one batch
+    train(runs, "--stage", 2, "--projector", "", "--out-dir", out, "--global-batch", 5, "--micro-batch", 5,
           "--epochs", 2, "--save-every", 1000)
-    cfg = resolve_config(["--stage", "2", "--runs-dir", str(runs), "--global-batch", "10", "--micro-batch", "5"])
+    cfg = resolve_config(["--stage", "2", "--runs-dir", str(runs), "--global-batch", "5", "--micro-batch", "5"])
     assert cfg.group_by_modality
     dataset = LazySupervisedDataset(cfg.data, cfg.image_folder, load_tokenizer(cfg.llm), cfg.template, max_len=512)
-    sampled = ModalityLengthGroupedSampler(dataset.modality_lengths, 10, 5).global_batches()
-    assert len(sampled[-1]) > 10  # the case that matters: a leftover of more than one batch
+    sampled = ModalityLengthGroupedSampler(dataset.modality_lengths, 5, 5).global_batches()
+    assert len(sampled[-1]) > 5  # the case that matters: a leftover of more than one batch
     per_epoch = len(global_batches(dataset, cfg, epoch=0))
-    assert per_epoch == len(dataset) // 10
+    assert per_epoch == len(dataset) // 5
     assert len(open(out / "log.jsonl").readlines()) == 2 * per_epoch
 
 
@@ -948,8 +949,9 @@ def test_lora_with_gradient_checkpointing_trains_alike_in_one_process_and_under_
     for run in ("checkpointed", "ddp", "fsdp"):
         other = trainable(tmp_path / run, 3)
         assert plain.keys() == other.keys()
-        for name in plain:
-            assert torch.allclose(plain[name], other[name], rtol=0, atol=1e-5), (run, name)
+        for name in plain:  # AdamW divides A's tiny first gradients by their own size: a summation order's last
+            # bits show in its first updates (up to 2e-5 here), where a wrong gradient would be off by whole steps
+            assert torch.allclose(plain[name], other[name], rtol=0, atol=5e-5), (run, name)
         assert_same_log(tmp_path / "plain", tmp_path / run, 3)
     fsdp = load_llava(str(tmp_path / "fsdp" / "model"))
     from_adapter, _, _ = load_for_inference(str(tmp_path / "fsdp" / "llava-lora"), model_base=str(stage1_model))
