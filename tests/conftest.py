@@ -2,6 +2,7 @@
 a test runs on."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REAL_CUDA_IS_AVAILABLE = torch.cuda.is_available
 HAS_CUDA = REAL_CUDA_IS_AVAILABLE()
 VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")  # as the suite found it
+# a suite started in the background (`cmd &` ignores Ctrl-C) would pass the ignoring on to the processes whose Ctrl-C
+# the tests send; a handled signal is reset to the default in a child, an ignored one is not
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
