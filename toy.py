@@ -226,8 +226,8 @@ def _tool_sample(scene: dict, file: str, kind: str, rng: random.Random) -> dict:
 
 
 def without_tools(sample: dict) -> dict:
-    """The sample as plain LLaVA data: a tool conversation becomes its question and final answer (which the model
-    must then work out from the image alone), every answer its value. For the comparison LLaVA vs LLaVA-Plus."""
+    """The sample as plain LLaVA data: a tool conversation loses the call and the tool's turn (the model must then
+    work out the final answer from the image alone), every answer is its value. For LLaVA vs LLaVA-Plus."""
     turns = sample["conversations"]
     if turns[1].get("actions"):
         turns = turns[:1] + turns[3:]
