@@ -786,8 +786,8 @@ def make_toy_task(root, seed: int = 1, n_train: int = 2000, n_eval_scenes: int =
     """A fine-tuning task as a user brings one, in the official formats under root: images/, train.json (LLaVA's
     conversation JSON in the format the toy's model speaks, LLaVA-Plus's: each image asked "What is on the left?" and
     the like for its four places, in a random order, and once something the toy already knows, so that it keeps what
-    it knows) and eval.jsonl (the toy world's eval
-    format: one question per place of held-out scenes, for `python eval.py --toy-questions root/eval.jsonl`).
+    it knows) and eval.jsonl (the toy world's eval format: one question per place of held-out scenes, for
+    `python eval.py --toy-questions root/eval.jsonl`).
 
     The scenes are new ones, none of them one of the held-out scenes of the toy world made with world_seed and
     n_world_images (its eval.jsonl measures what fine-tuning makes the model forget)."""
