@@ -235,16 +235,16 @@ def without_tools(sample: dict) -> dict:
 
 
 def _stage2_sample(scenes: list, files: list, objects_so_far: list, rng: random.Random) -> dict:
-    """One stage-2 sample in LLaVA-Plus's unified format: questions about one image, a description, a text-only
-    chat, two images (mix665k's kinds), or a question a tool answers. objects_so_far: the running total of the
-    scenes' object counts."""
+    """One stage-2 sample in LLaVA-Plus's unified format: questions about one image, a text-only chat, two images
+    (mix665k's kinds), or a question a tool answers (a box, an area, a description). objects_so_far: the running
+    total of the scenes' object counts."""
     short = rng.random() < 0.5  # like the VQA parts of mix665k: one-word answers with the SHORT_ANSWER suffix
     kind = rng.choices(list(STAGE2_MIX), weights=list(STAGE2_MIX.values()))[0]
     if kind == "qa":  # a scene in proportion to its objects: a lone object needs no finding
         k = rng.choices(range(len(scenes)), cum_weights=objects_so_far)[0]
     else:
         k = rng.randrange(len(scenes))
-    if kind in ("detect", "measure", "describe"):  # and the chat goes on, no tool needed, half the time
+    if kind in ("detect", "measure", "describe"):  # and, in three samples of five, the chat goes on with no tool
         sample = _tool_sample(scenes[k], files[k], kind, rng)
         sample["conversations"] += _turns(_questions(scenes[k], rng.choice([0, 0, 1, 2, 3]), short, rng), True)
         return sample

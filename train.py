@@ -10,9 +10,9 @@ batch (all ranks, all micro-steps), and gradients cross between ranks once per s
 
 Stage 2 can also start from a finished LLaVA, to fine-tune it on your own data (`--model`, finetune_task.sh), and
 can train LoRA (lora.py) in place of the whole LLM (`--lora-r 128`, finetune_lora.sh and finetune_task_lora.sh).
-Without model arguments it trains the toy world (toy.py) on the CPU, from base models that stage 0 makes.
+Without model arguments it trains the toy world (toy.py) on the CPU, from the shipped base models (toy_base/).
 
-    python train.py --stage 1                      # the toy world: stage 0 if needed, then stage 1
+    python train.py --stage 1                      # the toy world, from toy_base/ (--stage 0 makes new bases)
     python train.py --stage 2                      # continues from the toy stage 1
     torchrun --nproc_per_node 8 train.py --stage 1 --llm VICUNA_DIR --vision-tower CLIP_DIR \\
         --data blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images

@@ -79,15 +79,16 @@ def memory_table(config, cfg, world: int, dtype_bytes: int) -> str:
     """step_memory of a run as train.py prints it, before loading any weight."""
     shards = world if cfg.fsdp else 1
     r = cfg.lora_r or 128  # the official scripts' rank, where this run trains in full
+    bits = cfg.quantize or "int4"  # QLoRA's row: this run's bits, or the official --bits 4's
     table = step_memory(config, cfg.micro_batch, cfg.max_len, r, cfg.lora_dropout, dtype_bytes,
-                        cfg.gradient_checkpointing, shards, cfg.quantize or "int4")
+                        cfg.gradient_checkpointing, shards, bits)
     this = ("qlora" if cfg.quantize else "lora" if cfg.lora_r else "full") if cfg.stage == 2 else None  # stage 1:
     # the projector alone, less
     lines = [f"memory a step needs on each GPU, computed (docs/finetune.md), for micro-batches of {cfg.micro_batch} × "
              f"{cfg.max_len} positions (--max-len: the longest)" + (f", FSDP over {shards} ranks" if shards > 1 else "")
              + ", in GB:", f"{'':12}{'weights':>9}{'grads':>8}{'AdamW':>8}{'activ.':>8}{'total':>8}"]
     for mode, row in table.items():
-        name = {"full": "full", "lora": f"LoRA r{r}", "qlora": f"QLoRA r{r} {cfg.quantize or 'int4'}"}[mode]
+        name = {"full": "full", "lora": f"LoRA r{r}", "qlora": f"QLoRA r{r} {bits}"}[mode]
         lines.append(f"{name:12}" + "".join(f"{row[k] / GB:{w}.1f}" for k, w in
                                             (("weights", 9), ("gradients", 8), ("optimizer", 8), ("activations", 8)))
                      + f"{sum(row.values()) / GB:8.1f}" + ("  <- this run" if mode == this else ""))
