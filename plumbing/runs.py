@@ -331,7 +331,7 @@ def publish(cfg, model, step: int, start_step: int, total_steps: int, skipped: i
         if cfg.quantize:  # QLoRA: the adapter merges into the float weights the quantized base was made from
             config = model.config
             model = load_lora(written[1], cfg.model or cfg.llm, cfg.vision_tower or None,
-                              model.multi_modal_projector.linear_1.weight.dtype, "cpu")
+                              model.language_model.embed_tokens.weight.dtype, "cpu")  # the frozen weights' dtype
             model.config = config
         else:
             merge_lora(model.language_model)
