@@ -580,10 +580,12 @@ def swap_positions(caption: str, rng: random.Random) -> str:
 def train_toy_lm(world: dict, tokenizer: Tokenizer, steps: int, generator, lr_schedule) -> Llama:
     """The LM: next-token prediction on the world's captions and conversations, packed into blocks (nanoGPT style)."""
     texts = []
-    # what is said, not the format it is said in: the conversations as plain LLaVA data, tools' outputs left out
-    for name in ("stage1", "stage2_without_tools"):
+    # the conversations as stage 2 writes them, answers in LLaVA-Plus's format and tools' outputs included: a stage 2
+    # that must first learn the format's fixed tokens loses the look-ups (docs/toy_accuracy.md)
+    for name in ("stage1", "stage2"):
         for sample in json.loads(Path(world[name]).read_text()):
-            texts.append(" ".join(turn["value"].replace(IMAGE_MARKER, "").strip() for turn in sample["conversations"]))
+            texts.append(" ".join(text.replace(IMAGE_MARKER, "").strip()
+                                  for _, text in to_messages(sample["conversations"], False)))
     ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids + [tokenizer.token_to_id(EOS)]]
     block = 128
     data = torch.tensor(ids[:len(ids) // block * block]).view(-1, block)  # (n_blocks, block)
