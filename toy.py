@@ -577,16 +577,17 @@ def swap_positions(caption: str, rng: random.Random) -> str:
     return re.sub(PLACE, lambda m: next(phrases), caption)
 
 
+def lm_texts(world: dict) -> list[str]:
+    """What the LM reads: each caption and conversation as one text, answers in LLaVA-Plus's format and the tools'
+    outputs included, as stage 2 writes them. A stage 2 that must first learn the format's fixed tokens loses the
+    look-ups (docs/toy_accuracy.md)."""
+    return [" ".join(text.replace(IMAGE_MARKER, "").strip() for _, text in to_messages(sample["conversations"], False))
+            for name in ("stage1", "stage2") for sample in json.loads(Path(world[name]).read_text())]
+
+
 def train_toy_lm(world: dict, tokenizer: Tokenizer, steps: int, generator, lr_schedule) -> Llama:
     """The LM: next-token prediction on the world's captions and conversations, packed into blocks (nanoGPT style)."""
-    texts = []
-    # the conversations as stage 2 writes them, answers in LLaVA-Plus's format and tools' outputs included: a stage 2
-    # that must first learn the format's fixed tokens loses the look-ups (docs/toy_accuracy.md)
-    for name in ("stage1", "stage2"):
-        for sample in json.loads(Path(world[name]).read_text()):
-            texts.append(" ".join(text.replace(IMAGE_MARKER, "").strip()
-                                  for _, text in to_messages(sample["conversations"], False)))
-    ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids + [tokenizer.token_to_id(EOS)]]
+    ids = [t for enc in tokenizer.encode_batch(lm_texts(world)) for t in enc.ids + [tokenizer.token_to_id(EOS)]]
     block = 128
     data = torch.tensor(ids[:len(ids) // block * block]).view(-1, block)  # (n_blocks, block)
     llm = Llama(dataclasses.replace(LlamaConfig.from_name("toy"), vocab_size=tokenizer.get_vocab_size()))

@@ -25,7 +25,7 @@ from plumbing.checkpoints import conv_mode_for
 from plumbing.files import DataError, open_image
 from plumbing.tokenizer import EOS_ID, load_tokenizer
 from toy import (DESCRIBE, EVAL_CATEGORIES, POSITIONS, SHIPPED, described_objects, ensure_toy_world, find_shapes,
-                 make_toy_eval, make_toy_world)
+                 lm_texts, make_toy_eval, make_toy_world)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = json.loads((FIXTURES / "golden_preprocess.json").read_text())
@@ -415,6 +415,11 @@ def test_default_toy_world(tmp_path, capsys):
     tokenizer = load_tokenizer(paths["tokenizer"])
     # the shipped base models (toy_base/, which stage 1 starts from) were made for this very world's text
     assert tokenizer.get_vocab() == load_tokenizer(SHIPPED / "llm").get_vocab()
+    # and stage 0's LM reads the conversations as stage 2 writes them: the format's fixed tokens, the tools' outputs
+    texts = lm_texts(paths)
+    assert len(texts) == 12000 and not any(IMAGE_MARKER in text for text in texts)
+    assert sum('"thoughts🤔" No tool needed.\n"actions🚀" []\n"value👉"' in text for text in texts[4000:]) > 6000
+    assert sum("detect model outputs: {'boxes'" in text for text in texts[4000:]) > 1000
     stage1, stage2 = json.loads(paths["stage1"].read_text()), json.loads(paths["stage2"].read_text())
     assert len(stage1) == 4000 and len(stage2) == 8000
     for record in stage1:
