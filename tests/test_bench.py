@@ -115,8 +115,9 @@ def test_a_run_cut_short_keeps_what_it_measured_in_its_out_file(monkeypatch, tmp
         measure(*args)
 
     monkeypatch.setattr(bench, "bench_inference", killed_at_the_second_batch_size)
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--preset", "tiny", "--new-tokens", "4",
-                                      "--batch", "2", "--repeats", "1", "--compile", "false",
+    # 16 new tokens, timed twice: with 4 once, one token's timing noise could outlast 4 (a speed is then an error)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--preset", "tiny", "--new-tokens", "16",
+                                      "--batch", "2", "--repeats", "2", "--compile", "false",
                                       "--out", str(tmp_path / "bench.json")])
     with pytest.raises(SystemExit):
         bench.main()
